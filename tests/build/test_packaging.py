@@ -1,0 +1,82 @@
+"""pip install works with CPU torch, with MECEFO_SKIP_EXT=1 and with a broken extension, and
+`import mecefo_kernels` never breaks; what is missing is explained by the backend errors."""
+
+import json
+
+import pytest
+from packaging_helpers import build_wheel, copy_source, install_to, run_python, wheel_names
+
+pytestmark = pytest.mark.slow
+
+CHECK = """
+import json, torch, mecefo_kernels as mk
+from mecefo_kernels import info
+assert mk.__file__.startswith({target!r}), mk.__file__
+report = info.collect()
+x, w = torch.randn(6, 16), torch.randn(16)
+ref = mk.rms_norm(x, w, backend="torch")
+result = {{"extension": report["extension"], "auto_cpu": report["families"]["rmsnorm"]["cpu"]["auto"]}}
+try:
+    torch.testing.assert_close(mk.rms_norm(x, w, backend="cpu"), ref)
+    result["cpu_backend"] = "ok"
+except mk.BackendUnavailableError as exc:
+    result["cpu_backend"] = str(exc)
+torch.testing.assert_close(mk.rms_norm(x, w), ref)
+print(json.dumps(result))
+"""
+
+
+def install_and_check(tmp_path, wheel_dir):
+    target = tmp_path / "site"
+    install_to(wheel_dir, target)
+    proc = run_python(CHECK.format(target=str(target)), target, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_cpu_torch_builds_the_compiled_cpu_ops(tmp_path):
+    src = copy_source(tmp_path / "src")
+    proc = build_wheel(src, tmp_path / "wheels")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = wheel_names(tmp_path / "wheels")
+    assert any(n.startswith("mecefo_kernels/_C") and n.endswith(".so") for n in names), names
+    assert "mecefo_kernels/_build_info.json" in names
+    assert any(n.startswith("mecefo/") for n in names), "trainer package missing from the wheel"
+    result = install_and_check(tmp_path, tmp_path / "wheels")
+    assert result["extension"]["loaded"] and not result["extension"]["with_cuda"]
+    assert result["auto_cpu"] == "cpu"
+    assert result["cpu_backend"] == "ok"
+
+
+def test_skip_ext_installs_pure_python(tmp_path):
+    src = copy_source(tmp_path / "src")
+    proc = build_wheel(src, tmp_path / "wheels", MECEFO_SKIP_EXT="1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not any(n.endswith(".so") for n in wheel_names(tmp_path / "wheels"))
+    result = install_and_check(tmp_path, tmp_path / "wheels")
+    assert not result["extension"]["loaded"]
+    assert result["auto_cpu"] == "torch"
+    assert "MECEFO_SKIP_EXT=1" in result["cpu_backend"], result
+
+
+def break_extension(src):
+    ops = src / "csrc" / "ops.cpp"
+    ops.write_text(ops.read_text() + "\nthis is not C++;\n")
+
+
+def test_failed_build_installs_without_the_extension_and_says_why(tmp_path):
+    src = copy_source(tmp_path / "src")
+    break_extension(src)
+    proc = build_wheel(src, tmp_path / "wheels")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = install_and_check(tmp_path, tmp_path / "wheels")
+    assert not result["extension"]["loaded"]
+    assert "build failed" in result["cpu_backend"], result
+
+
+def test_failed_build_is_an_error_when_required(tmp_path):
+    src = copy_source(tmp_path / "src")
+    break_extension(src)
+    proc = build_wheel(src, tmp_path / "wheels", MECEFO_REQUIRE_EXT="1")
+    assert proc.returncode != 0
+    assert "this is not C++" in proc.stdout + proc.stderr
