@@ -1,0 +1,66 @@
+"""Low-rank weight gradients (MeCeFO technique iii) and their bases, in plain PyTorch.
+
+For y = x W^T with W [out, in], x [T, in], dy [T, out], the exact gradient is dW = dy^T x.
+MeCeFO uses dW ~= dy^T (x V) V^T with V [in, r] the top-r right singular vectors of W.
+It is computed as a chain of skinny products, never forming dy^T x:
+
+    xv = x V          [T, r]     (lowrank_project)
+    g  = dy^T xv      [out, r]
+    dW = g V^T        [out, in]  (lowrank_weight_grad)
+
+with float32 accumulation (float64 for float64 inputs).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .rmsnorm import accumulation_dtype
+
+
+def lowrank_project(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """x [T, in], basis [in, r] -> x V [T, r] in the accumulation dtype."""
+    acc = accumulation_dtype(x.dtype)
+    return x.to(acc) @ basis.to(acc)
+
+
+def lowrank_weight_grad(dy: torch.Tensor, xv: torch.Tensor, basis: torch.Tensor,
+                        out_dtype: torch.dtype) -> torch.Tensor:
+    """dy [T, out], xv = x V [T, r], basis [in, r] -> (dy^T xv) V^T [out, in] in out_dtype."""
+    acc = xv.dtype
+    return ((dy.to(acc).t() @ xv) @ basis.to(acc).t()).to(out_dtype)
+
+
+def exact_weight_grad(dy: torch.Tensor, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """dy [T, out], x [T, in] -> dy^T x [out, in]."""
+    return (dy.t() @ x).to(out_dtype)
+
+
+def svd_basis(weight: torch.Tensor, rank: int, compute_dtype: torch.dtype) -> torch.Tensor:
+    """Top-`rank` right singular vectors of weight [out, in] as columns [in, rank]."""
+    w = weight.detach().to(compute_dtype)
+    full = rank > min(w.shape)  # past min(out, in) the basis is completed by the null space
+    _, _, vh = torch.linalg.svd(w, full_matrices=full)
+    return vh[:rank].t().contiguous()
+
+
+def randomized_basis(weight: torch.Tensor, rank: int, compute_dtype: torch.dtype, *, oversample: int = 8,
+                     power_iters: int = 2, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Randomized SVD (Halko, Martinsson, Tropp 2011, Alg. 4.4 + 5.1) for the top right singular
+    vectors: a range finder on W^T with `power_iters` re-orthonormalised power iterations, then an
+    exact SVD of the small projected matrix. Uses its own generator so it never consumes the
+    global RNG (training runs stay reproducible whatever the refresh period)."""
+    w = weight.detach().to(compute_dtype)
+    out_f, in_f = w.shape
+    if rank >= min(out_f, in_f):  # nothing to gain from sketching
+        return svd_basis(weight, rank, compute_dtype)
+    k = min(rank + oversample, min(out_f, in_f))
+    if generator is None:
+        generator = torch.Generator(device=w.device).manual_seed(0x6D6563)
+    omega = torch.randn(out_f, k, generator=generator, device=w.device, dtype=compute_dtype)
+    q, _ = torch.linalg.qr(w.t() @ omega)  # [in, k], spans the dominant row space of W
+    for _ in range(power_iters):
+        q, _ = torch.linalg.qr(w @ q)  # [out, k]
+        q, _ = torch.linalg.qr(w.t() @ q)  # [in, k]
+    _, _, vh_small = torch.linalg.svd(w @ q, full_matrices=False)  # (W Q) = U S Vh_small
+    return (q @ vh_small[:rank].t()).contiguous()
