@@ -1,0 +1,205 @@
+"""The trainer's options: one dataclass, its command line, and its JSON form in the run directory.
+
+The launcher writes ``config.json`` into the run directory; every replica process (and every
+restart of one) reads the same file, so all replicas agree on the model, data, schedule and
+policy by construction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from .membership import POLICIES, check_policy
+from .presets import PRESETS, get_preset
+
+DTYPES = ("float32", "float64", "bfloat16")
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/train"
+    # model
+    preset: str = "tiny"
+    dtype: str = "float32"
+    seed: int = 0
+    # data: "stdlib" (embedded corpus), text files / directories, or one tokenised .bin file
+    data: list[str] = field(default_factory=lambda: ["stdlib"])
+    data_dtype: str = "uint16"  # element type of a tokenised .bin file
+    val_percent: float = 5.0
+    seq_len: int = 64
+    micro_batch: int = 4  # sequences per shard per step; global batch = replicas * micro_batch
+    # job
+    replicas: int = 4
+    steps: int = 200
+    policy: str = "mecefo"
+    rank: int | None = None  # MeCeFO low-rank gradient rank (None: mecefo_kernels' default)
+    tau: int = 50  # refresh the low-rank bases every tau steps while a neighbour
+    # optimizer: AdamW, linear warm-up then cosine decay to min_lr_ratio * lr
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 20
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip: float = 1.0  # global gradient-norm clip (0: off)
+    # failures
+    failures: str | None = None  # "schedule:low|mid|high|FILE"
+    schedule_hours: float = 24.0  # the paper's clock hours one run spans
+    inject: list[str] = field(default_factory=list)  # "kill@STEP:REPLICA[:PHASE]", "hang@STEP:REPLICA[:PHASE]=SECONDS"
+    restart_after: int | None = 20  # steps after a replica dies before the supervisor restarts it (None: never)
+    max_restarts: int = 5  # per replica; beyond this the run is aborted
+    # operations
+    checkpoint_every: int = 50  # steps (0: only the final checkpoint)
+    keep_checkpoints: int = 3
+    resume: bool = False
+    eval_every: int = 0  # steps (0: only at the end)
+    eval_batches: int = 8
+    hash_state: bool = True  # log parameter / optimizer-state hashes every step
+    threads: int = 1  # torch threads per replica process
+    bucket_mb: float = 64.0  # gradient all-reduce bucket size
+    # membership (torchft)
+    timeout_s: float = 10.0  # collectives, commit and state transfer
+    heartbeat_timeout_s: float = 2.0  # the lighthouse drops a replica silent this long
+    quorum_timeout_s: float = 300.0
+    min_replicas: int = 1
+    max_wall_s: float = 3600.0  # the supervisor aborts a run that takes longer
+    cache_dir: str | None = None  # corpus cache (default ~/.cache/mecefo)
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)
+        self.validate()
+
+    def validate(self) -> None:
+        check_policy(self.policy)
+        preset = get_preset(self.preset)
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        positive = dict(replicas=self.replicas, steps=self.steps, seq_len=self.seq_len,
+                        micro_batch=self.micro_batch, tau=self.tau, threads=self.threads,
+                        keep_checkpoints=self.keep_checkpoints, min_replicas=self.min_replicas)
+        for name, value in positive.items():
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.seq_len > preset.max_seq_len:
+            raise ValueError(f"seq_len {self.seq_len} exceeds preset {self.preset!r}'s max_seq_len {preset.max_seq_len}")
+        if self.min_replicas > self.replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} exceeds replicas {self.replicas}")
+        if self.warmup < 0 or self.checkpoint_every < 0 or self.eval_every < 0:
+            raise ValueError("warmup, checkpoint_every and eval_every must be >= 0")
+        if not 0 < self.val_percent < 100:
+            raise ValueError(f"val_percent must be in (0, 100), got {self.val_percent}")
+        if self.rank is not None and self.rank < 1:
+            raise ValueError(f"rank must be >= 1, got {self.rank}")
+        if self.restart_after is not None and self.restart_after < 0:
+            raise ValueError(f"restart_after must be >= 0 steps, got {self.restart_after}")
+        for name in ("timeout_s", "heartbeat_timeout_s", "quorum_timeout_s", "lr", "schedule_hours"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.failures is not None and not self.failures.startswith("schedule:"):
+            raise ValueError(f"failures must look like schedule:low|mid|high|FILE, got {self.failures!r}")
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir)
+
+    @property
+    def tokens_per_shard(self) -> int:
+        return self.micro_batch * self.seq_len
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+        return cls(**data)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+
+def _optional_int(text: str) -> int | None:
+    return None if text.lower() in ("never", "none") else int(text)
+
+
+def add_train_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
+    """The mecefo-train options; `defaults` supplies the default values (the demo has its own)."""
+    d = defaults
+    g = parser.add_argument_group("model and data")
+    g.add_argument("--preset", default=d.preset, choices=sorted(PRESETS), help="model shape (default %(default)s)")
+    g.add_argument("--dtype", default=d.dtype, choices=DTYPES)
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--data", nargs="+", default=d.data, metavar="SRC",
+                   help="'stdlib' (the Python standard library's sources, byte-level; no download), "
+                        "text files / directories (byte-level), or one tokenised .bin file")
+    g.add_argument("--data-dtype", default=d.data_dtype, choices=("uint8", "uint16", "int32"),
+                   help="element type of a tokenised .bin file")
+    g.add_argument("--val-percent", type=float, default=d.val_percent)
+    g.add_argument("--seq-len", type=int, default=d.seq_len)
+    g.add_argument("--micro-batch", type=int, default=d.micro_batch, help="sequences per shard per step")
+
+    g = parser.add_argument_group("job")
+    g.add_argument("--run-dir", default=d.run_dir, help="where metrics, checkpoints, logs, plot go")
+    g.add_argument("--replicas", type=int, default=d.replicas, help="data-parallel replicas = shards per global batch")
+    g.add_argument("--steps", type=int, default=d.steps)
+    g.add_argument("--policy", default=d.policy, choices=POLICIES,
+                   help="mecefo: neighbours run both shards in MeCeFO neighbour mode; ndb-exact: neighbours "
+                        "run the orphan shard exactly; shrink: drop dead shards (torchft default); "
+                        "restart: checkpoint-restart the whole job on any failure")
+    g.add_argument("--rank", type=int, default=d.rank, help="MeCeFO low-rank gradient rank")
+    g.add_argument("--tau", type=int, default=d.tau, help="refresh the low-rank bases every TAU steps")
+
+    g = parser.add_argument_group("optimizer (AdamW, warm-up + cosine)")
+    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio)
+    g.add_argument("--warmup", type=int, default=d.warmup)
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--clip", type=float, default=d.clip, help="gradient-norm clip (0: off)")
+
+    g = parser.add_argument_group("failures")
+    g.add_argument("--failures", default=d.failures, metavar="schedule:low|mid|high|FILE",
+                   help="the paper's failure scenarios scaled to steps (seeded), or a file of "
+                        "'REPLICA START END' lines; failed replicas sit out, neighbours take over")
+    g.add_argument("--schedule-hours", type=float, default=d.schedule_hours,
+                   help="hours of the paper's clock the run spans (default %(default)s)")
+    g.add_argument("--inject", action="append", default=list(d.inject), metavar="SPEC",
+                   help="real failure: kill@STEP:REPLICA[:PHASE] (SIGKILL) or hang@STEP:REPLICA[:PHASE]=SECONDS "
+                        "(SIGSTOP, SIGCONT later); PHASE is step (default), quorum, allreduce or send; "
+                        "REPLICA may be * for send. Repeatable")
+    g.add_argument("--restart-after", type=_optional_int, default=d.restart_after, metavar="STEPS|never",
+                   help="restart a dead replica this many steps after it died (default %(default)s)")
+    g.add_argument("--max-restarts", type=int, default=d.max_restarts)
+
+    g = parser.add_argument_group("operations")
+    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
+    g.add_argument("--resume", action="store_true", default=d.resume,
+                   help="continue from the newest valid checkpoint in --run-dir")
+    g.add_argument("--eval-every", type=int, default=d.eval_every)
+    g.add_argument("--eval-batches", type=int, default=d.eval_batches)
+    g.add_argument("--no-hash-state", dest="hash_state", action="store_false", default=d.hash_state,
+                   help="do not log parameter / optimizer-state hashes")
+    g.add_argument("--threads", type=int, default=d.threads, help="torch threads per replica")
+    g.add_argument("--bucket-mb", type=float, default=d.bucket_mb)
+    g.add_argument("--timeout", dest="timeout_s", type=float, default=d.timeout_s,
+                   help="seconds for collectives, commit and state transfer")
+    g.add_argument("--heartbeat-timeout", dest="heartbeat_timeout_s", type=float, default=d.heartbeat_timeout_s,
+                   help="seconds of silence after which the lighthouse drops a replica")
+    g.add_argument("--quorum-timeout", dest="quorum_timeout_s", type=float, default=d.quorum_timeout_s)
+    g.add_argument("--min-replicas", type=int, default=d.min_replicas)
+    g.add_argument("--max-wall", dest="max_wall_s", type=float, default=d.max_wall_s)
+    g.add_argument("--cache-dir", default=d.cache_dir, help="corpus cache (default ~/.cache/mecefo)")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    return TrainConfig(**values)

@@ -1,0 +1,70 @@
+"""The model every replica trains: a transformers LlamaForCausalLM from a preset, and its loss.
+
+Every replica builds its initial weights from the same seed, so they start identical without
+any communication. The loss is the mean next-token cross-entropy over one shard's tokens;
+shards have equal token counts, so the mean of the shard losses is the full-batch loss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+import torch.nn.functional as F
+
+from .config import TrainConfig
+from .presets import get_preset
+
+TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+
+
+def build_model(cfg: TrainConfig) -> torch.nn.Module:
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(cfg.seed)
+    model = LlamaForCausalLM(get_preset(cfg.preset).to_llama_config())
+    return model.to(TORCH_DTYPES[cfg.dtype])
+
+
+def shard_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of next-token prediction; inputs, targets: [batch, seq] int64."""
+    logits = model(input_ids=inputs, use_cache=False).logits
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches, count: int) -> float:
+    """Mean validation loss over ``count`` fixed validation micro-batches."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for i in range(count):
+        total += shard_loss(model, *batches.val_batch(i)).item()
+    model.train(was_training)
+    return total / count
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def parameter_hash(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        h.update(name.encode())
+        h.update(_tensor_bytes(p))
+    return h.hexdigest()[:16]
+
+
+def optimizer_hash(optimizer: torch.optim.Optimizer) -> str:
+    """Hash of every parameter's optimizer state (in parameter order) and the hyperparameters."""
+    h = hashlib.sha256()
+    for group in optimizer.param_groups:
+        h.update(repr(sorted((k, v) for k, v in group.items() if k != "params")).encode())
+        for p in group["params"]:
+            for key, value in sorted(optimizer.state.get(p, {}).items()):
+                h.update(key.encode())
+                h.update(_tensor_bytes(value) if isinstance(value, torch.Tensor) else repr(value).encode())
+    return h.hexdigest()[:16]

@@ -1,0 +1,313 @@
+"""One replica's training loop over torchft (``python -m mecefo.replica``; started by the launcher).
+
+Every step:
+
+1. synchronous quorum (torchft): the live set is known, and a replica that was behind (just
+   restarted, or its last commit failed) has healed from a peer: model, optimizer state, step,
+   and so LR schedule and data position;
+2. the step plan (:mod:`mecefo.membership`): which shards this replica runs, whether it is a
+   neighbour; scheduled failures take replicas out here;
+3. forward + backward of each shard, in neighbour mode where the policy says so;
+4. gradient SUM all-reduce and the MeCeFO normalisers (:mod:`mecefo.sync`), global loss;
+5. torchft's commit: the update is applied only if nothing failed; otherwise the step is
+   discarded and replayed with the new quorum (batches are a function of the step, so the
+   replay sees the same data). A step is thus never applied twice nor lost;
+6. metrics, and periodically a checkpoint (written by the lowest live replica) and evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .data import Batches, CorpusFiles
+from .failures import Injector, load_schedule, parse_injection
+from .membership import normalisers, plan_step
+from .model import build_model, evaluate, optimizer_hash, parameter_hash, shard_loss
+from .neighbor import needs_refresh, neighbor_path
+from .optim import build_optimizer, lr_at, set_lr
+from .quorum import Membership, connect_store
+from .report import MetricsWriter, metrics_path
+from .sync import GradientSync
+
+RESTART_EXIT_CODE = 75  # policy restart: this replica asks the supervisor to restart the whole job
+CHECKPOINT_DIR = "checkpoints"
+CORPUS_FILE = "corpus.json"
+RESTART_REQUEST_FILE = "restart_request.json"
+
+
+class Replica:
+    def __init__(self, cfg: TrainConfig, replica: int, *, lighthouse: str, barrier: str | None = None,
+                 generation: int = 0, rejoin: bool = False, resume: bool = False, restart_consumed: int = -1):
+        start = time.time()
+        self.cfg = cfg
+        self.replica = replica
+        self.run_dir = cfg.run_path
+        torch.set_num_threads(cfg.threads)
+        corpus = CorpusFiles(**json.loads((self.run_dir / CORPUS_FILE).read_text()))
+        self.corpus = corpus
+        self.metrics = MetricsWriter(metrics_path(self.run_dir, replica))
+        self.schedule = load_schedule(cfg.failures, replicas=cfg.replicas, steps=cfg.steps,
+                                      hours=cfg.schedule_hours, seed=cfg.seed)
+        self.restart_consumed = restart_consumed
+        self.injector = Injector([parse_injection(s, cfg.replicas) for s in cfg.inject], replica, self.run_dir)
+
+        self.path = neighbor_path(cfg.policy, rank=cfg.rank, tau=cfg.tau)
+        self.model = self.path.prepare(build_model(cfg))
+        self.model.train()
+        self.batches = Batches(corpus, seq_len=cfg.seq_len, micro_batch=cfg.micro_batch, seed=cfg.seed,
+                               vocab_size=self.model.config.vocab_size)
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.sync = GradientSync(self.model, self.path.skipped_parameters(self.model),
+                                 bucket_bytes=int(cfg.bucket_mb * (1 << 20)))
+        # neighbour-episode state of this replica (not shared: see neighbor.needs_refresh)
+        self.was_neighbour = False
+        self.bases_step: int | None = None
+        self.healed = False
+        self.rejoin = rejoin
+
+        self.membership = Membership(
+            replica=replica, lighthouse=lighthouse, state_dict=self.state_dict,
+            load_state_dict=self.load_state_dict, min_replicas=cfg.min_replicas, timeout_s=cfg.timeout_s,
+            quorum_timeout_s=cfg.quorum_timeout_s,
+            on_quorum=(lambda: self.injector.fire("quorum", self.membership.step)) if self._has("quorum") else None,
+            on_send=self._on_send if self._has("send") else None)
+        if resume:
+            self._resume()
+        self.metrics.write(event="start", replica=replica, pid=os.getpid(), generation=generation, rejoin=rejoin,
+                           step=self.membership.step, ready_time=time.time(), init_s=time.time() - start)
+        if barrier and not rejoin:
+            self._launch_barrier(barrier, generation)
+
+    # ---- state: what a rejoining replica receives and a checkpoint holds ------------------------
+
+    def state_dict(self) -> dict:
+        step = self.membership.step
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "trainer": {"step": step, "data_position": step, "lr": lr_at(step, self.cfg),
+                            "corpus": self.corpus.fingerprint}}
+
+    def load_state_dict(self, state: dict) -> None:
+        trainer = state["trainer"]
+        if trainer["corpus"] != self.corpus.fingerprint:
+            raise RuntimeError(f"replica {self.replica}: received state trained on corpus {trainer['corpus'][:12]}, "
+                               f"but this replica has corpus {self.corpus.fingerprint[:12]}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.was_neighbour, self.bases_step = False, None
+        self.healed = True
+
+    def _resume(self) -> None:
+        t0 = time.perf_counter()
+        found = ckpt.load_latest(self.run_dir / CHECKPOINT_DIR, warn=self._warn)
+        if found is None:
+            self._warn("no valid checkpoint to resume from: starting from step 0")
+            return
+        state, path = found
+        self.load_state_dict(state)
+        self.membership.load_manager_state(state["manager"])
+        self.healed = False
+        self.metrics.write(event="resumed", replica=self.replica, step=self.membership.step, path=str(path),
+                           seconds=time.perf_counter() - t0)
+
+    def _warn(self, message: str) -> None:
+        print(f"[replica {self.replica}] WARNING: {message}", file=sys.stderr, flush=True)
+        self.metrics.write(event="warning", replica=self.replica, message=message)
+
+    # ---- launch ---------------------------------------------------------------------------------
+
+    def _launch_barrier(self, address: str, generation: int) -> None:
+        """Wait until all replicas of this launch are up, so the first quorum holds them all."""
+        store = connect_store(address, self.cfg.quorum_timeout_s)
+        key = f"launch/{generation}"
+        store.add(key, 1)
+        deadline = time.monotonic() + self.cfg.quorum_timeout_s
+        while store.add(key, 0) < self.cfg.replicas:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"replica {self.replica}: not all {self.cfg.replicas} replicas started within "
+                                   f"{self.cfg.quorum_timeout_s} s")
+            time.sleep(0.05)
+
+    # ---- injection hooks ------------------------------------------------------------------------
+
+    def _has(self, phase: str) -> bool:
+        return any(i.phase == phase for i in self.injector.mine)
+
+    def _on_send(self, sends: int) -> None:
+        if sends == 3:  # metadata length, metadata, first tensor are out: mid-transfer
+            self.injector.fire("send", self.membership.step)
+
+    # ---- the loop -------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        cfg = self.cfg
+        last_commit = time.perf_counter()
+        attempts = 0
+        while True:
+            t0 = time.perf_counter()
+            self.healed = False
+            self.membership.start_quorum()
+            quorum_s = time.perf_counter() - t0
+            quorum_end = time.time()
+            step = self.membership.step
+            if self.healed:
+                self.rejoin = False
+                self.metrics.write(event="healed", replica=self.replica, step=step, seconds=quorum_s)
+            if step >= cfg.steps:
+                break
+            attempts += 1
+            if self.rejoin and not self.healed and self.membership.members == (self.replica,):
+                print(f"[replica {self.replica}] restarted, but no live replica is left to rejoin: exiting",
+                      flush=True)
+                return 0
+            if self.membership.errored():  # the quorum or the healing failed: skip to the commit
+                self.membership.abort()
+                self.membership.commit()
+                self._discard(step, quorum_s)
+                continue
+            self.injector.fire("step", step)
+            if cfg.policy == "restart" and self._scheduled_restart(step):
+                return RESTART_EXIT_CODE
+
+            members = self.membership.members
+            failed = frozenset() if cfg.policy == "restart" else self.schedule.failed_at(step)
+            plan = plan_step(cfg.replicas, [r for r in members if r not in failed], cfg.policy)
+            shards = plan.shards_of(self.replica)
+            neighbour = plan.is_neighbour(self.replica)
+            if neighbour and needs_refresh(step, cfg.tau, was_neighbour=self.was_neighbour, bases_step=self.bases_step):
+                self.path.refresh(self.model)
+                self.bases_step = step
+
+            t1 = time.perf_counter()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss_sum = 0.0
+            with self.path.context(self.model, neighbour) if shards else nullcontext():
+                for shard in shards:
+                    loss = shard_loss(self.model, *self.batches.batch(step, shard))
+                    loss.backward()
+                    loss_sum += loss.item()
+            compute_s = time.perf_counter() - t1
+
+            t2 = time.perf_counter()
+            ok = self.sync.reduce(self._allreduce_sum, contributes=bool(shards))
+            stats = torch.tensor([loss_sum, float(len(shards))], dtype=torch.float64)
+            ok = ok and self.membership.allreduce_sum(stats)
+            if not ok:
+                self.membership.abort()
+            else:
+                self.sync.normalise(normalisers(plan, cfg.policy))
+                if cfg.clip > 0:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip, foreach=False)
+            lr = lr_at(step, cfg)
+            set_lr(self.optimizer, lr)
+            sync_s = time.perf_counter() - t2
+
+            if not self.membership.commit():
+                self._discard(step, quorum_s)
+                continue
+            self.optimizer.step()
+            self.was_neighbour = neighbour
+            now = time.perf_counter()
+            step_s, last_commit = now - last_commit, now
+            tokens = int(stats[1].item()) * cfg.tokens_per_shard
+            record = dict(step=step, replica=self.replica, policy=cfg.policy, time=time.time(),
+                          loss=stats[0].item() / stats[1].item(), lr=lr, tokens=tokens, step_s=step_s,
+                          tokens_per_s=tokens / step_s, quorum_s=quorum_s, quorum_end=quorum_end, compute_s=compute_s, sync_s=sync_s,
+                          attempts=attempts, members=list(members), live=list(plan.live),
+                          scheduled_failed=sorted(failed), neighbours={str(d): o for d, o in plan.owners.items()},
+                          dropped=list(plan.dropped), shards=list(shards), neighbour=neighbour,
+                          quorum_id=self.membership.quorum_id)
+            if cfg.hash_state:
+                record.update(param_hash=parameter_hash(self.model), optim_hash=optimizer_hash(self.optimizer))
+            self.metrics.write(**record)
+            attempts = 0
+            if plan.dropped:
+                self._warn(f"step {step}: more than half the replicas are gone ({plan.describe()})")
+            self._after_commit(self.membership.step, min(members))
+        if self.replica == min(self.membership.members or (self.replica,)):
+            self._evaluate(cfg.steps)
+        return 0
+
+    def _allreduce_sum(self, tensor: torch.Tensor) -> bool:
+        step = self.membership.step
+        if self.injector.armed("allreduce", step):
+            work = self.membership.post_allreduce_sum(tensor)
+            self.injector.fire("allreduce", step)
+            work.wait()
+            return not self.membership.errored()
+        return self.membership.allreduce_sum(tensor)
+
+    def _discard(self, step: int, quorum_s: float) -> None:
+        """Record a step whose commit was refused: no update; it is replayed from the next quorum."""
+        reason = self.membership.error() or "a peer failed"
+        self.metrics.write(event="discarded", replica=self.replica, step=step, time=time.time(),
+                           quorum_s=quorum_s, reason=reason)
+
+    def _scheduled_restart(self, step: int) -> bool:
+        if step in self.schedule.failure_starts() and step > self.restart_consumed:
+            request = self.run_dir / RESTART_REQUEST_FILE
+            tmp = request.with_name(f".{request.name}.{self.replica}")
+            tmp.write_text(json.dumps({"step": step}))
+            os.replace(tmp, request)
+            self.metrics.write(event="restart_requested", replica=self.replica, step=step, time=time.time())
+            return True
+        return False
+
+    def _after_commit(self, done: int, writer: int) -> None:
+        cfg = self.cfg
+        if self.replica != writer:
+            return
+        if done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
+            state = self.state_dict()
+            state["manager"] = self.membership.manager_state()
+            saved = ckpt.save_checkpoint(self.run_dir / CHECKPOINT_DIR, done, state)
+            ckpt.prune_checkpoints(self.run_dir / CHECKPOINT_DIR, cfg.keep_checkpoints)
+            self.metrics.write(event="checkpoint", replica=self.replica, step=done, path=str(saved.path),
+                               bytes=saved.nbytes, seconds=saved.seconds)
+        if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
+            self._evaluate(done)
+
+    def _evaluate(self, done: int) -> None:
+        t0 = time.perf_counter()
+        val = evaluate(self.model, self.batches, self.cfg.eval_batches)
+        self.metrics.write(event="eval", replica=self.replica, step=done, val_loss=val,
+                           val_ppl=float(torch.tensor(val).exp()), seconds=time.perf_counter() - t0)
+
+    def shutdown(self) -> None:
+        self.membership.shutdown()
+        self.metrics.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mecefo.replica", description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--replica", type=int, required=True)
+    parser.add_argument("--lighthouse", required=True)
+    parser.add_argument("--barrier", help="launch barrier store (HOST:PORT)")
+    parser.add_argument("--generation", type=int, default=0)
+    parser.add_argument("--rejoin", action="store_true", help="a restarted replica: heal from the live ones")
+    parser.add_argument("--resume", action="store_true", help="start from the newest valid checkpoint")
+    parser.add_argument("--restart-consumed", type=int, default=-1,
+                        help="policy restart: scheduled failures up to this step already caused a restart")
+    args = parser.parse_args(argv)
+    cfg = TrainConfig.load(Path(args.run_dir) / "config.json")
+    replica = Replica(cfg, args.replica, lighthouse=args.lighthouse, barrier=args.barrier,
+                      generation=args.generation, rejoin=args.rejoin, resume=args.resume,
+                      restart_consumed=args.restart_consumed)
+    try:
+        return replica.run()
+    finally:
+        replica.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

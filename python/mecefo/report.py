@@ -1,0 +1,250 @@
+"""Metrics (JSONL), the end-of-run summary, and the loss / throughput plot.
+
+Each replica appends one JSON object per line to ``RUN_DIR/metrics/replica_<i>.jsonl``: one per
+committed step (loss, tokens/s, timings, live set, neighbours, dropped shards, policy, state
+hashes) and events (``start``, ``healed``, ``discarded``, ``checkpoint``, ``resumed``, ``eval``,
+``warning``, ``restart_requested``). The supervisor writes ``RUN_DIR/events.jsonl`` (process
+spawns, exits, restarts, hang wake-ups). :func:`summarize` turns all of it into the numbers the
+benchmarks need (step times, detection, heal and restart costs) and :func:`plot` into a PNG.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from .failures import fired_injections
+
+METRICS_DIR = "metrics"
+EVENTS_FILE = "events.jsonl"
+
+
+def metrics_path(run_dir: str | Path, replica: int) -> Path:
+    return Path(run_dir) / METRICS_DIR / f"replica_{replica}.jsonl"
+
+
+class MetricsWriter:
+    """Appends one JSON object per line, flushed at once (a killed process loses nothing written)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", buffering=1)
+
+    def write(self, **record) -> None:
+        record.setdefault("time", time.time())
+        self._file.write(json.dumps(record, sort_keys=True) + "\n")
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    out = []
+    path = Path(path)
+    if not path.is_file():
+        return out
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+    return out
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """Every replica's records, in file order per replica."""
+    out = []
+    for path in sorted((Path(run_dir) / METRICS_DIR).glob("replica_*.jsonl")):
+        out.extend(read_jsonl(path))
+    return out
+
+
+def committed_steps(records: list[dict]) -> dict[int, list[dict]]:
+    """step -> the committed-step records of every replica that committed it."""
+    steps: dict[int, list[dict]] = defaultdict(list)
+    for r in records:
+        if "event" not in r:
+            steps[r["step"]].append(r)
+    return dict(sorted(steps.items()))
+
+
+def step_series(records: list[dict]) -> list[dict]:
+    """One record per committed step (the lowest replica's; they agree on loss and plan)."""
+    return [min(rs, key=lambda r: r["replica"]) for rs in committed_steps(records).values()]
+
+
+def failure_spans(series: list[dict], replicas: int) -> list[tuple[int, int]]:
+    """[start, end) step ranges during which at least one shard's owner was not live."""
+    spans, start = [], None
+    for r in series:
+        failing = len(r["live"]) < replicas
+        if failing and start is None:
+            start = r["step"]
+        if not failing and start is not None:
+            spans.append((start, r["step"]))
+            start = None
+    if start is not None:
+        spans.append((start, series[-1]["step"] + 1))
+    return spans
+
+
+def _mean(values) -> float | None:
+    values = list(values)
+    return sum(values) / len(values) if values else None
+
+
+def summarize(run_dir: str | Path) -> dict:
+    """The run's headline numbers (also written to RUN_DIR/summary.json by the launcher)."""
+    run_dir = Path(run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    replicas = config["replicas"]
+    records = read_metrics(run_dir)
+    events = read_jsonl(run_dir / EVENTS_FILE)
+    series = step_series(records)
+    events_of = defaultdict(list)
+    for r in records:
+        if "event" in r:
+            events_of[r["event"]].append(r)
+
+    normal = [r for r in series if len(r["live"]) == replicas]
+    failing = [r for r in series if len(r["live"]) < replicas]
+    total_tokens = sum(r["tokens"] for r in series)
+    total_time = sum(r["step_s"] for r in series)
+
+    def throughput(rs):
+        t = sum(r["step_s"] for r in rs)
+        return sum(r["tokens"] for r in rs) / t if t > 0 else None
+
+    tput_normal, tput_failing = throughput(normal), throughput(failing)
+    evals = sorted(events_of["eval"], key=lambda r: r["step"])
+    kills = [f for f in fired_injections(run_dir) if f["action"] == "kill"]
+    hangs = [f for f in fired_injections(run_dir) if f["action"] == "hang"]
+    detection = []
+    for f in kills + hangs:
+        after = [r["quorum_end"] for r in records if "event" not in r and r.get("quorum_end", 0) > f["time"]
+                 and f["replica"] not in r["members"]]
+        if after:
+            detection.append(min(after) - f["time"])
+    spawns = [e for e in events if e.get("event") == "spawn" and e.get("rejoin")]
+    rejoin = []
+    for e in spawns:
+        first = [r["time"] for r in records if "event" not in r and r["replica"] == e["replica"] and r["time"] > e["time"]]
+        if first:
+            rejoin.append(min(first) - e["time"])
+    job_restarts = []
+    for e in events:
+        if e.get("event") == "job_restart":
+            first = [r["time"] for r in records if "event" not in r and r["time"] > e["time"]]
+            job_restarts.append(min(first) - e["time"] if first else None)
+    out = {
+        "run_dir": str(run_dir),
+        "policy": config["policy"],
+        "replicas": replicas,
+        "steps_planned": config["steps"],
+        "steps_done": (series[-1]["step"] + 1) if series else 0,
+        "train_seconds": total_time,
+        "tokens": total_tokens,
+        "tokens_per_s": total_tokens / total_time if total_time else None,
+        "tokens_per_s_no_failure": tput_normal,
+        "tokens_per_s_under_failure": tput_failing,
+        "throughput_drop_pct": (100 * (1 - tput_failing / tput_normal)) if tput_normal and tput_failing else None,
+        "step_s_median": sorted(r["step_s"] for r in series)[len(series) // 2] if series else None,
+        "compute_s_mean": _mean(r["compute_s"] for r in normal),
+        "steps_under_failure": len(failing),
+        "max_dead_at_once": max((replicas - len(r["live"]) for r in series), default=0),
+        "steps_with_dropped_shards": sum(1 for r in series if r["dropped"]),
+        "first_loss": series[0]["loss"] if series else None,
+        "final_loss": _mean(r["loss"] for r in series[-10:]),
+        "val_loss": evals[-1]["val_loss"] if evals else None,
+        "val_ppl": evals[-1]["val_ppl"] if evals else None,
+        "kills": len(kills),
+        "hangs": len(hangs),
+        "discarded_attempts": len(events_of["discarded"]),
+        "heals": len(events_of["healed"]),
+        "heal_s_mean": _mean(r["seconds"] for r in events_of["healed"]),
+        "detect_s_mean": _mean(detection),
+        "rejoin_s_mean": _mean(rejoin),
+        "job_restarts": len(job_restarts),
+        "job_restart_s_mean": _mean(s for s in job_restarts if s is not None),
+        "checkpoints": len(events_of["checkpoint"]),
+        "checkpoint_save_s_mean": _mean(r["seconds"] for r in events_of["checkpoint"]),
+        "checkpoint_load_s_mean": _mean(r["seconds"] for r in events_of["resumed"]),
+        "replica_init_s_mean": _mean(r["init_s"] for r in events_of["start"]),
+    }
+    return out
+
+
+def _fmt(value, unit: str = "", digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if math.isinf(value) or math.isnan(value):
+            return str(value)
+        return f"{value:,.{digits}g}{unit}" if abs(value) < 1e4 else f"{value:,.0f}{unit}"
+    return f"{value}{unit}"
+
+
+def format_summary(s: dict) -> str:
+    rows = [
+        ("policy", s["policy"]),
+        ("replicas", s["replicas"]),
+        ("steps", f"{s['steps_done']} / {s['steps_planned']}"),
+        ("training time", _fmt(s["train_seconds"], " s")),
+        ("tokens/s (all steps)", _fmt(s["tokens_per_s"])),
+        ("tokens/s no failure / under failure", f"{_fmt(s['tokens_per_s_no_failure'])} / {_fmt(s['tokens_per_s_under_failure'])}"),
+        ("throughput drop under failure", _fmt(s["throughput_drop_pct"], " %")),
+        ("steps under failure (max dead at once)", f"{s['steps_under_failure']} ({s['max_dead_at_once']})"),
+        ("steps with dropped shards", s["steps_with_dropped_shards"]),
+        ("train loss first -> last 10", f"{_fmt(s['first_loss'], '', 4)} -> {_fmt(s['final_loss'], '', 4)}"),
+        ("validation loss (ppl)", f"{_fmt(s['val_loss'], '', 4)} ({_fmt(s['val_ppl'], '', 4)})"),
+        ("kills / hangs injected", f"{s['kills']} / {s['hangs']}"),
+        ("discarded step attempts", s["discarded_attempts"]),
+        ("detect dead replica (kill -> quorum without it)", _fmt(s["detect_s_mean"], " s")),
+        ("heals (mean state transfer + quorum)", f"{s['heals']} ({_fmt(s['heal_s_mean'], ' s')})"),
+        ("restart -> first step of rejoined replica", _fmt(s["rejoin_s_mean"], " s")),
+        ("job restarts (mean cost)", f"{s['job_restarts']} ({_fmt(s['job_restart_s_mean'], ' s')})"),
+        ("checkpoints (mean save / load)", f"{s['checkpoints']} ({_fmt(s['checkpoint_save_s_mean'], ' s')} / "
+                                           f"{_fmt(s['checkpoint_load_s_mean'], ' s')})"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    line = "-" * (width + 24)
+    return "\n".join([line] + [f"{k:<{width}}  {v}" for k, v in rows] + [line])
+
+
+def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """PNG of training loss (and validation points) and throughput per step, failure windows shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    out = Path(out) if out else run_dir / "plot.png"
+    config = json.loads((run_dir / "config.json").read_text())
+    records = read_metrics(run_dir)
+    series = step_series(records)
+    evals = sorted((r for r in records if r.get("event") == "eval"), key=lambda r: r["step"])
+    fig, (ax_loss, ax_tput) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    steps = [r["step"] for r in series]
+    ax_loss.plot(steps, [r["loss"] for r in series], lw=1, label="train loss")
+    if evals:
+        ax_loss.plot([e["step"] for e in evals], [e["val_loss"] for e in evals], "o", label="validation loss")
+    ax_tput.plot(steps, [r["tokens_per_s"] for r in series], lw=1, color="tab:green", label="tokens/s")
+    for i, (a, b) in enumerate(failure_spans(series, config["replicas"])):
+        for ax in (ax_loss, ax_tput):
+            ax.axvspan(a - 0.5, b - 0.5, color="tab:red", alpha=0.15, lw=0,
+                       label="replica(s) down" if i == 0 and ax is ax_loss else None)
+    ax_loss.set_ylabel("loss")
+    ax_tput.set_ylabel("tokens / s")
+    ax_tput.set_xlabel("step")
+    ax_loss.legend(loc="upper right")
+    ax_loss.set_title(f"{config['preset']}  x{config['replicas']} replicas  policy {config['policy']}")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

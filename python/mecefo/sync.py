@@ -1,0 +1,84 @@
+"""Gradient synchronisation with the MeCeFO normalisers.
+
+Not torchft's DDP wrapper: that averages over the replicas that are live, which is right for
+``shrink`` but wrong for NDB, where a neighbour's gradient already holds two shards and the
+attention parameters must be averaged over a different set. Here every replica puts the SUM of
+its shards' gradients (zeros where it has none) into flat buckets, the buckets are all-reduced
+with SUM, and each parameter is divided by its own normaliser (:func:`mecefo.membership.normalisers`).
+
+Bucket layout: parameters in ``model.named_parameters()`` order, concatenated flat into buckets
+of at most ``bucket_bytes`` (a parameter never spans two buckets). With no failures this is
+exactly ordinary data-parallel training: one SUM all-reduce of the concatenated gradients and a
+division by n.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+
+from .membership import Normalisers
+
+AllReduceSum = Callable[[torch.Tensor], bool]  # in-place SUM across replicas; False if it failed
+
+
+class GradientSync:
+    """Sums gradients across replicas and applies the per-parameter normalisers.
+
+    Args:
+        model: the replica's model (parameters with requires_grad are synchronised).
+        skipped: names of the parameters the neighbour path leaves without a gradient
+            (attention and input_layernorm under MeCeFO); they use ``Normalisers.attention``.
+        bucket_bytes: the largest all-reduce message.
+    """
+
+    def __init__(self, model: torch.nn.Module, skipped: Iterable[str] = (), bucket_bytes: int = 64 << 20):
+        self.params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        names = {name for name, _ in self.params}
+        skipped = set(skipped)
+        unknown = sorted(skipped - names)
+        if unknown:
+            raise ValueError(f"skipped parameters not found in the model: {unknown[:5]}")
+        self.skipped = [name in skipped for name, _ in self.params]
+        self.buckets: list[list[int]] = []
+        size = 0
+        for i, (_, p) in enumerate(self.params):
+            nbytes = p.numel() * p.element_size()
+            if not self.buckets or size + nbytes > bucket_bytes:
+                self.buckets.append([])
+                size = 0
+            self.buckets[-1].append(i)
+            size += nbytes
+
+    def reduce(self, allreduce: AllReduceSum, contributes: bool = True) -> bool:
+        """Replace every gradient by its sum over replicas; False (gradients unusable) if a bucket failed.
+
+        ``contributes=False`` (a replica sitting out) sends zeros but still takes part, so the
+        others' collective completes and everyone ends with the same sums.
+        """
+        for bucket in self.buckets:
+            parts = []
+            for i in bucket:
+                p = self.params[i][1]
+                grad = p.grad if contributes and p.grad is not None else torch.zeros_like(p)
+                parts.append(grad.reshape(-1))
+            flat = torch.cat(parts)
+            if not allreduce(flat):
+                return False
+            offset = 0
+            for i in bucket:
+                p = self.params[i][1]
+                n = p.numel()
+                p.grad = flat[offset:offset + n].view_as(p)
+                offset += n
+        return True
+
+    def normalise(self, norms: Normalisers) -> None:
+        """Divide the summed gradients: skipped params by ``norms.attention`` (or drop them if None), the rest by ``norms.rest``."""
+        for (_, p), skipped in zip(self.params, self.skipped):
+            divisor = norms.attention if skipped else norms.rest
+            if divisor is None:
+                p.grad = None  # nobody computed this gradient this step: no update (AdamW skips None)
+            else:
+                p.grad.div_(divisor)
