@@ -19,7 +19,8 @@ Injections (``--inject``) are real failures of a replica process, fired once per
   SECONDS (the replica's heartbeats stop meanwhile, so the others drop it, then it heals).
 
 Phases: ``step`` (after the quorum, before the forward pass), ``quorum`` (right after the
-lighthouse returned a quorum that includes it, before the process group is rebuilt),
+lighthouse returned a new quorum that includes it, before the process group is rebuilt: the
+others block rebuilding a group with a dead member until the timeout),
 ``allreduce`` (after its gradient all-reduce was posted, before it completes), ``send`` (while
 it is sending its state to a rejoining replica, after the first tensors went out; REPLICA may be
 ``*``: whichever replica is the sender). "Once per run" is a marker file created with O_EXCL in
@@ -73,19 +74,22 @@ class Schedule:
 
     def failed_fraction(self, steps: int) -> float:
         """Mean fraction of replicas failed per step over ``steps`` steps."""
-        return sum(len(self.failed_at(s)) for s in range(steps)) / (steps * self.replicas)
+        down = np.zeros((self.replicas, steps), dtype=bool)
+        for w in self.windows:
+            down[w.replica, w.start:w.end] = True
+        return float(down.mean())
 
     def as_list(self) -> list[dict]:
         return [w.__dict__ for w in self.windows]
 
 
-def _keep_one_live(windows: list[FailureWindow], replicas: int) -> list[FailureWindow]:
+def _keep_one_live(windows: list[FailureWindow], replicas: int, steps: int) -> list[FailureWindow]:
+    """Drop every window that would leave no replica live at some step (earlier windows win)."""
+    down = np.zeros(steps, dtype=np.int64)
     kept: list[FailureWindow] = []
     for w in sorted(windows, key=lambda w: (w.start, w.replica)):
-        others = [k for k in kept if k.replica != w.replica]
-        all_down = any(len({k.replica for k in others if k.start <= s < k.end}) + 1 >= replicas
-                       for s in range(w.start, w.end))
-        if not all_down:
+        if (down[w.start:w.end] + 1 < replicas).all():
+            down[w.start:w.end] += 1
             kept.append(w)
     return kept
 
@@ -109,7 +113,7 @@ def scenario_schedule(name: str, *, replicas: int, steps: int, hours: float, see
             if end > start:
                 windows.append(FailureWindow(replica, start, end))
             t += sc.duration_h
-    return Schedule(_keep_one_live(windows, replicas), replicas, name)
+    return Schedule(_keep_one_live(windows, replicas, steps), replicas, name)
 
 
 def read_schedule_file(path: str | Path, *, replicas: int, steps: int) -> Schedule:

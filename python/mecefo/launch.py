@@ -115,7 +115,8 @@ class Supervisor:
         log_dir.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "mecefo.replica", "--run-dir", str(self.run_dir), "--replica", str(replica),
                "--lighthouse", self.lighthouse_addr, "--barrier", self.barrier.address,
-               "--generation", str(self.generation), "--restart-consumed", str(self.restart_consumed)]
+               "--generation", str(self.generation), "--restart-consumed", str(self.restart_consumed),
+               "--supervisor-pid", str(os.getpid())]
         if rejoin:
             cmd.append("--rejoin")
         if resume:

@@ -51,10 +51,11 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
 
 
 def parameter_hash(model: torch.nn.Module) -> str:
+    """Hash of the model's state_dict (names and bytes): equal hashes, bit-identical models."""
     h = hashlib.sha256()
-    for name, p in model.named_parameters():
+    for name, t in model.state_dict().items():
         h.update(name.encode())
-        h.update(_tensor_bytes(p))
+        h.update(_tensor_bytes(t))
     return h.hexdigest()[:16]
 
 

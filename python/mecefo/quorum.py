@@ -127,15 +127,21 @@ class _SendHookGroup:
 
 
 class _QuorumHookClient:
-    """torchft's ManagerClient, calling ``hook()`` right after the lighthouse returned a quorum."""
+    """torchft's ManagerClient, calling ``hook()`` when the lighthouse returned a new quorum.
 
-    def __init__(self, client, hook: Callable[[], None]):
+    "New": its quorum id differs from the one the process group is configured for, so the
+    Manager is about to rebuild the group; the hook runs before it does.
+    """
+
+    def __init__(self, client, current_quorum_id: Callable[[], int], hook: Callable[[], None]):
         self._client = client
+        self._current = current_quorum_id
         self._hook = hook
 
     def _quorum(self, *args, **kwargs):
         result = self._client._quorum(*args, **kwargs)
-        self._hook()
+        if result.quorum_id != self._current():
+            self._hook()
         return result
 
     def __getattr__(self, name):
@@ -151,8 +157,8 @@ class Membership:
         state_dict / load_state_dict: the replica's full training state, sent to / loaded by a
             rejoining replica.
         timeout_s: collectives, commit and state transfer; quorum_timeout_s: waiting for a quorum.
-        on_quorum / on_send: failure-injection hooks (after a quorum is returned; after the n-th
-            message of a state transfer). None in normal runs.
+        on_quorum / on_send: failure-injection hooks (after a new quorum is returned, before the
+            process group is rebuilt; after the n-th message of a state transfer). None in normal runs.
     """
 
     def __init__(self, *, replica: int, lighthouse: str, state_dict: Callable[[], dict],
@@ -176,7 +182,8 @@ class Membership:
                 # starts late heals from a peer instead
                 init_sync=False)
         if on_quorum:
-            self.manager._client = _QuorumHookClient(self.manager._client, on_quorum)
+            self.manager._client = _QuorumHookClient(self.manager._client, lambda: self.manager._quorum_id,
+                                                     on_quorum)
 
     @property
     def step(self) -> int:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -287,6 +288,16 @@ class Replica:
         self.metrics.close()
 
 
+def _die_with(parent: int) -> None:
+    """SIGKILL this process when the launcher dies (Linux), so no replica outlives a killed launcher."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before the line above
+        sys.exit(f"launcher {parent} is gone")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mecefo.replica", description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", required=True)
@@ -298,7 +309,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="start from the newest valid checkpoint")
     parser.add_argument("--restart-consumed", type=int, default=-1,
                         help="policy restart: scheduled failures up to this step already caused a restart")
+    parser.add_argument("--supervisor-pid", type=int, help="exit when this process (the launcher) dies")
     args = parser.parse_args(argv)
+    if args.supervisor_pid:
+        _die_with(args.supervisor_pid)
     cfg = TrainConfig.load(Path(args.run_dir) / "config.json")
     replica = Replica(cfg, args.replica, lighthouse=args.lighthouse, barrier=args.barrier,
                       generation=args.generation, rejoin=args.rejoin, resume=args.resume,

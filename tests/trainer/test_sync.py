@@ -1,0 +1,135 @@
+"""The gradient sync and the MeCeFO normalisers, checked numerically against MECEFO.md's formulas.
+
+n replicas are emulated in one process (float64): each live replica's contribution is what it
+would send (the sum of its shards' gradients, neighbour mode where the policy says so), the
+all-reduce is their sum, and the result after the normalisers is compared with the formula
+written from per-shard gradients:
+
+* ndb-exact: (1/n) sum over all shards of the exact gradients = the full-batch gradient;
+* shrink: (1/|live|) sum over live replicas' own shards;
+* mecefo: attention params (1/|N|) sum over N (live non-neighbours) of their exact gradients;
+  every other param (1/n) (sum over N of exact gradients + sum over neighbours of their
+  two-shard neighbour-mode gradients).
+"""
+
+import numpy as np
+import pytest
+import torch
+
+import mecefo_kernels
+from mecefo.config import TrainConfig
+from mecefo.data import Batches, prepare_corpus
+from mecefo.membership import normalisers, plan_step
+from mecefo.model import build_model, shard_loss
+from mecefo.neighbor import neighbor_path
+from mecefo.sync import GradientSync
+
+N = 4
+HAS_MECEFO_API = hasattr(mecefo_kernels, "apply_mecefo")
+
+
+@pytest.fixture(scope="module")
+def batches(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sync")
+    text = tmp / "text.bin"
+    np.random.default_rng(0).integers(0, 256, 20000, dtype=np.uint8).tofile(text)
+    corpus = prepare_corpus([str(text)], cache_dir=tmp / "cache", data_dtype="uint8")
+    return Batches(corpus, seq_len=16, micro_batch=2, seed=0, vocab_size=256)
+
+
+def make(policy):
+    cfg = TrainConfig(dtype="float64", policy=policy, rank=8, tau=5)
+    path = neighbor_path(policy, rank=cfg.rank, tau=cfg.tau)
+    model = path.prepare(build_model(cfg))
+    return model, path
+
+
+def grads(model):
+    return {name: None if p.grad is None else p.grad.clone() for name, p in model.named_parameters()}
+
+
+def shard_grads(model, path, batches, shards, neighbour):
+    model.zero_grad(set_to_none=True)
+    with path.context(model, neighbour):
+        for s in shards:
+            shard_loss(model, *batches.batch(0, s)).backward()
+    return grads(model)
+
+
+def synced(model, path, batches, live, policy, bucket_bytes):
+    """Each replica's contribution, summed as the all-reduce would, then normalised."""
+    plan = plan_step(N, live, policy)
+    sync = GradientSync(model, path.skipped_parameters(model), bucket_bytes=bucket_bytes)
+    summed: list[torch.Tensor] = []
+    for replica in range(N):
+        shards = plan.shards_of(replica)
+        shard_grads(model, path, batches, shards or [replica], plan.is_neighbour(replica))  # a dead one's grads are junk
+        sent = []
+        sync.reduce(lambda t: sent.append(t.clone()) or True, contributes=bool(shards))
+        summed = [a + b for a, b in zip(summed, sent)] if summed else sent
+    model.zero_grad(set_to_none=True)
+    buckets = iter(summed)
+    sync.reduce(lambda t: t.copy_(next(buckets)) is not None)
+    sync.normalise(normalisers(plan, policy))
+    return plan, grads(model)
+
+
+def assert_grads_close(got, expected):
+    for name, e in expected.items():
+        if e is None:
+            assert got[name] is None, f"{name}: expected no gradient"
+            continue
+        err = (got[name] - e).abs().max().item()
+        assert err <= 1e-12 * e.abs().max().item(), f"{name}: error {err:.3e}"
+
+
+@pytest.mark.parametrize("live", [(0, 1, 2, 3), (0, 1, 3), (0, 3), (1,)])
+@pytest.mark.parametrize("bucket_bytes", [64 << 20, 40_000])
+def test_ndb_exact_is_the_full_batch_gradient(batches, live, bucket_bytes):
+    model, path = make("ndb-exact")
+    plan, got = synced(model, path, batches, live, "ndb-exact", bucket_bytes)
+    processed = [s for s in range(N) if s not in plan.dropped]
+    xs, ys = zip(*(batches.batch(0, s) for s in processed))
+    model.zero_grad(set_to_none=True)
+    shard_loss(model, torch.cat(xs), torch.cat(ys)).backward()
+    assert_grads_close(got, grads(model))
+    if live == (1,):
+        assert plan.dropped == (2, 3)  # more than half gone: only shards 1 and 0 are in the batch
+
+
+@pytest.mark.parametrize("live", [(0, 1, 3), (0, 2)])
+def test_shrink_averages_over_live_replicas(batches, live):
+    model, path = make("shrink")
+    _, got = synced(model, path, batches, live, "shrink", 64 << 20)
+    per_shard = [shard_grads(model, path, batches, [s], False) for s in live]
+    expected = {name: sum(g[name] for g in per_shard) / len(live) for name in got}
+    assert_grads_close(got, expected)
+
+
+@pytest.mark.skipif(not HAS_MECEFO_API, reason="needs mecefo_kernels.apply_mecefo (layers)")
+@pytest.mark.parametrize("live", [(0, 1, 2, 3), (0, 1, 3), (0, 3), (0, 1), (1,)])
+def test_mecefo_normalisers(batches, live):
+    model, path = make("mecefo")
+    skipped = set(path.skipped_parameters(model))
+    assert skipped and all("self_attn" in n or "input_layernorm" in n for n in skipped)
+    plan, got = synced(model, path, batches, live, "mecefo", 64 << 20)
+    exact = {k: shard_grads(model, path, batches, [k], False) for k in plan.non_neighbours}
+    neighbour = {j: shard_grads(model, path, batches, plan.shards_of(j), True) for j in plan.neighbours}
+    for j, g in neighbour.items():
+        assert all(g[name] is None for name in skipped), "the neighbour computes no attention gradient"
+    expected = {}
+    for name in got:
+        if name in skipped:
+            expected[name] = (sum(exact[k][name] for k in exact) / len(exact)) if exact else None
+        else:
+            expected[name] = (sum(exact[k][name] for k in exact) + sum(neighbour[j][name] for j in neighbour)) / (
+                N - len(plan.dropped))
+    assert_grads_close(got, expected)
+    if live == (0, 1):
+        assert plan.non_neighbours == () and all(got[name] is None for name in skipped)
+
+
+def test_skipped_parameters_must_exist():
+    model, _ = make("ndb-exact")
+    with pytest.raises(ValueError, match="skipped parameters not found in the model"):
+        GradientSync(model, ["model.layers.0.attn.nope"])
