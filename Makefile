@@ -1,5 +1,5 @@
 # One entry point for a fresh machine. Every target builds what it needs:
-#   make demo   - the main job (fault-tolerant training demo; until the trainer lands, kernel benchmarks)
+#   make demo   - the main job: mecefo-demo, 4 CPU replicas train a tiny LLaMA, one is SIGKILLed and rejoins
 #   make test   - the whole test suite (Triton kernels in interpreter mode on CPU)
 #   make info   - which backends are live here, and why not the others
 #   make bench  - kernel microbenchmarks, appended to bench/results/results.csv
@@ -28,7 +28,7 @@ $(STAMP): $(REQUIREMENTS) setup.py pyproject.toml $(wildcard csrc/*)
 	@touch $@
 
 demo: venv
-	$(BIN)/python bench/kernels.py --no-save
+	$(BIN)/mecefo-demo
 
 test: venv
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

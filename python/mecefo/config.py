@@ -35,8 +35,8 @@ class TrainConfig:
     replicas: int = 4
     steps: int = 200
     policy: str = "mecefo"
-    rank: int | None = None  # MeCeFO low-rank gradient rank (None: mecefo_kernels' default)
-    tau: int = 50  # refresh the low-rank bases every tau steps while a neighbour
+    rank: int | float | None = None  # MeCeFO low-rank gradient rank, or fraction of in_features (None: mecefo_kernels' default)
+    tau: int | None = None  # refresh the low-rank bases every tau steps while a neighbour (None: mecefo_kernels' default)
     # optimizer: AdamW, linear warm-up then cosine decay to min_lr_ratio * lr
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
@@ -77,7 +77,7 @@ class TrainConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         positive = dict(replicas=self.replicas, steps=self.steps, seq_len=self.seq_len,
-                        micro_batch=self.micro_batch, tau=self.tau, threads=self.threads,
+                        micro_batch=self.micro_batch, threads=self.threads,
                         keep_checkpoints=self.keep_checkpoints, min_replicas=self.min_replicas)
         for name, value in positive.items():
             if value < 1:
@@ -90,8 +90,10 @@ class TrainConfig:
             raise ValueError("warmup, checkpoint_every and eval_every must be >= 0")
         if not 0 < self.val_percent < 100:
             raise ValueError(f"val_percent must be in (0, 100), got {self.val_percent}")
-        if self.rank is not None and self.rank < 1:
-            raise ValueError(f"rank must be >= 1, got {self.rank}")
+        if self.rank is not None and (self.rank <= 0 or (isinstance(self.rank, float) and self.rank > 1)):
+            raise ValueError(f"rank must be an int >= 1 or a fraction in (0, 1], got {self.rank}")
+        if self.tau is not None and self.tau < 1:
+            raise ValueError(f"tau must be >= 1, got {self.tau}")
         if self.restart_after is not None and self.restart_after < 0:
             raise ValueError(f"restart_after must be >= 0 steps, got {self.restart_after}")
         for name in ("timeout_s", "heartbeat_timeout_s", "quorum_timeout_s", "lr", "schedule_hours"):
@@ -127,6 +129,10 @@ class TrainConfig:
         Path(path).write_text(self.to_json() + "\n")
 
 
+def _rank(text: str) -> int | float:
+    return float(text) if "." in text or "e" in text.lower() else int(text)
+
+
 def _optional_int(text: str) -> int | None:
     return None if text.lower() in ("never", "none") else int(text)
 
@@ -155,8 +161,11 @@ def add_train_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig) 
                    help="mecefo: neighbours run both shards in MeCeFO neighbour mode; ndb-exact: neighbours "
                         "run the orphan shard exactly; shrink: drop dead shards (torchft default); "
                         "restart: checkpoint-restart the whole job on any failure")
-    g.add_argument("--rank", type=int, default=d.rank, help="MeCeFO low-rank gradient rank")
-    g.add_argument("--tau", type=int, default=d.tau, help="refresh the low-rank bases every TAU steps")
+    g.add_argument("--rank", type=_rank, default=d.rank,
+                   help="MeCeFO low-rank gradient rank: an int, or a fraction of each weight's in_features "
+                        "(default: mecefo_kernels' default)")
+    g.add_argument("--tau", type=int, default=d.tau,
+                   help="refresh the low-rank bases every TAU steps while a neighbour (default: mecefo_kernels')")
 
     g = parser.add_argument_group("optimizer (AdamW, warm-up + cosine)")
     g.add_argument("--lr", type=float, default=d.lr)

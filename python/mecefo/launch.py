@@ -223,7 +223,7 @@ class Supervisor:
 
         cfg = self.cfg
         deadline = time.monotonic() + cfg.max_wall_s
-        bar = tqdm(total=cfg.steps, unit="step", dynamic_ncols=True, disable=not self.progress,
+        bar = tqdm(total=cfg.steps, unit="step", dynamic_ncols=True, disable=not self.progress, mininterval=0.5,
                    desc=f"{cfg.policy} x{cfg.replicas}")
         try:
             self._launch_all(resume=cfg.resume)
@@ -233,20 +233,18 @@ class Supervisor:
                 self._check_exits()
                 self._wake_hung()
                 self._rejoin_dead()
-                if self.tail.last is not None:
+                if self.tail.done > bar.n:
                     last = self.tail.last
-                    bar.n = self.tail.done
                     bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}",
                                     live=f"{len(last['live'])}/{cfg.replicas}", refresh=False)
-                    bar.refresh()
+                    bar.update(self.tail.done - bar.n)
                 if time.monotonic() > deadline:
                     tails = "\n".join(f"--- replica {r}\n{_log_tail(self.run_dir / 'logs' / f'replica_{r}.log')}"
                                       for r in range(cfg.replicas))
                     raise RunAborted(f"run exceeded max_wall_s={cfg.max_wall_s} s at {self.tail.done} committed "
                                      f"steps; last log lines:\n{tails}")
             self.tail.poll()
-            bar.n = self.tail.done
-            bar.refresh()
+            bar.update(max(0, self.tail.done - bar.n))
             return 0 if self.finished else 1
         finally:
             bar.close()
@@ -309,14 +307,14 @@ def train_main(argv: list[str] | None = None) -> int:
     return result.returncode
 
 
-DEMO = TrainConfig(run_dir="", preset="tiny", replicas=4, steps=240, seq_len=64, micro_batch=4, lr=3e-3, warmup=20,
-                   policy="mecefo", inject=["kill@80:2"], restart_after=60, checkpoint_every=40, eval_every=80)
+DEMO = TrainConfig(run_dir="", preset="tiny", replicas=4, steps=300, seq_len=128, micro_batch=4, lr=3e-3, warmup=20,
+                   policy="mecefo", inject=["kill@100:2"], restart_after=80, checkpoint_every=50, eval_every=50)
 
 
 def demo_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="mecefo-demo", description="MeCeFO demo: a lighthouse and 4 CPU replicas train a tiny LLaMA on the "
-        "Python standard library's sources; replica 2 is SIGKILLed at step 80 and restarted 60 steps later, "
+        "Python standard library's sources; replica 2 is SIGKILLed at step 100 and restarted 80 steps later, "
         "while its neighbour covers its shard.")
     add_train_arguments(parser, DEMO)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -9,10 +9,11 @@
   The parameters that get no gradient in neighbour mode come from
   ``mecefo_kernels.neighbor_skipped_parameters``; the gradient sync averages them over |N|.
 
-Bases refresh rule (:func:`needs_refresh`): when a replica becomes a neighbour, and then at
-every step that is a multiple of ``tau`` while it stays one. Failure-free training computes no
-SVD at all, and a run resumed from a checkpoint at a multiple of ``tau`` refreshes exactly when
-the uninterrupted run did.
+Bases refresh rule (:func:`refresh_due`): when a replica becomes a neighbour, and then at every
+step that is a multiple of ``tau`` while it stays one (``refresh_bases(model, step=step)``: the
+period is the one given to ``apply_mecefo``). Failure-free training computes no basis at all, and
+a run resumed from a checkpoint at a multiple of ``tau`` refreshes exactly when the
+uninterrupted run did.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ class ExactPath:
     def context(self, model: torch.nn.Module, neighbour: bool) -> Iterator[None]:
         yield
 
-    def refresh(self, model: torch.nn.Module) -> None:
-        pass
+    def refresh(self, model: torch.nn.Module, step: int | None = None) -> bool:
+        return False
 
 
 class MeCeFOPath:
@@ -47,7 +48,7 @@ class MeCeFOPath:
 
     name = "mecefo"
 
-    def __init__(self, rank: int | None, tau: int):
+    def __init__(self, rank: int | float | None, tau: int | None):
         import mecefo_kernels
 
         missing = [f for f in ("apply_mecefo", "neighbor_mode", "refresh_bases", "neighbor_skipped_parameters")
@@ -60,10 +61,8 @@ class MeCeFOPath:
         self.tau = tau
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
-        options = {"refresh_every": self.tau}
-        if self.rank is not None:
-            options["rank"] = self.rank
-        self._api.apply_mecefo(model, **options)
+        options = {"rank": self.rank, "refresh_every": self.tau}  # None: mecefo_kernels' defaults
+        self._api.apply_mecefo(model, **{k: v for k, v in options.items() if v is not None})
         return model
 
     def skipped_parameters(self, model: torch.nn.Module) -> list[str]:
@@ -77,20 +76,27 @@ class MeCeFOPath:
         with self._api.neighbor_mode(model):
             yield
 
-    def refresh(self, model: torch.nn.Module) -> None:
-        self._api.refresh_bases(model)
+    def refresh(self, model: torch.nn.Module, step: int | None = None) -> bool:
+        """Recompute the bases now (step None) or if ``step`` is a multiple of tau; True if it did."""
+        return bool(self._api.refresh_bases(model, step=step))
 
 
-def neighbor_path(policy: str, *, rank: int | None, tau: int) -> ExactPath | MeCeFOPath:
+def neighbor_path(policy: str, *, rank: int | float | None, tau: int | None) -> ExactPath | MeCeFOPath:
     return MeCeFOPath(rank, tau) if policy == "mecefo" else ExactPath()
 
 
-def needs_refresh(step: int, tau: int, *, was_neighbour: bool, bases_step: int | None) -> bool:
-    """Whether a replica that is a neighbour at ``step`` must recompute its bases first.
+NOW = "now"
+PERIODIC = "periodic"
+
+
+def refresh_due(step: int, *, was_neighbour: bool, bases_step: int | None) -> str | None:
+    """How a replica that is a neighbour at ``step`` refreshes its bases before running it.
 
     ``was_neighbour``: it was a neighbour at its previous committed step; ``bases_step``: the
-    step whose weights its current bases were computed from (None: never).
+    step whose weights its current bases were computed from (None: not since it started).
+    Returns NOW (entering an episode: recompute), PERIODIC (within an episode: recompute if
+    ``step`` is a multiple of tau) or None (already done for this step: a replayed step).
     """
-    if bases_step == step:  # already refreshed for these weights (a replayed step)
-        return False
-    return not was_neighbour or bases_step is None or step % tau == 0
+    if bases_step == step:
+        return None
+    return NOW if not was_neighbour or bases_step is None else PERIODIC

@@ -34,7 +34,7 @@ from .data import Batches, CorpusFiles
 from .failures import Injector, load_schedule, parse_injection
 from .membership import normalisers, plan_step
 from .model import build_model, evaluate, optimizer_hash, parameter_hash, shard_loss
-from .neighbor import needs_refresh, neighbor_path
+from .neighbor import NOW, neighbor_path, refresh_due
 from .optim import build_optimizer, lr_at, set_lr
 from .quorum import Membership, connect_store
 from .report import MetricsWriter, metrics_path
@@ -184,8 +184,8 @@ class Replica:
             plan = plan_step(cfg.replicas, [r for r in members if r not in failed], cfg.policy)
             shards = plan.shards_of(self.replica)
             neighbour = plan.is_neighbour(self.replica)
-            if neighbour and needs_refresh(step, cfg.tau, was_neighbour=self.was_neighbour, bases_step=self.bases_step):
-                self.path.refresh(self.model)
+            due = neighbour and refresh_due(step, was_neighbour=self.was_neighbour, bases_step=self.bases_step)
+            if due and self.path.refresh(self.model, step=None if due == NOW else step):
                 self.bases_step = step
 
             t1 = time.perf_counter()

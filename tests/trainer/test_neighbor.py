@@ -3,20 +3,18 @@
 import pytest
 
 import mecefo_kernels
-from mecefo.neighbor import ExactPath, MeCeFOPath, needs_refresh, neighbor_path
+from mecefo.neighbor import NOW, PERIODIC, ExactPath, MeCeFOPath, neighbor_path, refresh_due
 
 HAS_MECEFO_API = hasattr(mecefo_kernels, "apply_mecefo")
 
 
-def test_refresh_when_becoming_a_neighbour_and_every_tau_steps():
-    tau = 10
-    assert needs_refresh(13, tau, was_neighbour=False, bases_step=None)  # episode starts
-    assert needs_refresh(13, tau, was_neighbour=False, bases_step=3)  # a new episode: fresh bases
-    assert not needs_refresh(14, tau, was_neighbour=True, bases_step=13)
-    assert needs_refresh(20, tau, was_neighbour=True, bases_step=13)  # multiple of tau
-    assert not needs_refresh(20, tau, was_neighbour=True, bases_step=20)  # step 20 replayed
-    assert not needs_refresh(13, tau, was_neighbour=False, bases_step=13)  # first step replayed
-    assert needs_refresh(14, tau, was_neighbour=True, bases_step=None)  # healed mid-episode
+def test_refresh_when_becoming_a_neighbour_then_periodically():
+    assert refresh_due(13, was_neighbour=False, bases_step=None) == NOW  # an episode starts
+    assert refresh_due(13, was_neighbour=False, bases_step=3) == NOW  # a new episode: fresh bases
+    assert refresh_due(14, was_neighbour=True, bases_step=13) == PERIODIC  # tau decides (step % tau)
+    assert refresh_due(14, was_neighbour=True, bases_step=None) == NOW  # healed or resumed mid-episode
+    assert refresh_due(13, was_neighbour=False, bases_step=13) is None  # the first step replayed
+    assert refresh_due(20, was_neighbour=True, bases_step=20) is None  # a refreshed step replayed
 
 
 def test_exact_path_changes_nothing():
@@ -29,3 +27,7 @@ def test_exact_path_changes_nothing():
 def test_mecefo_path_says_what_is_missing():
     with pytest.raises(RuntimeError, match="policy mecefo needs mecefo_kernels.apply_mecefo"):
         MeCeFOPath(rank=None, tau=10)
+
+
+def test_exact_path_never_refreshes():
+    assert ExactPath().refresh(None) is False

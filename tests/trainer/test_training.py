@@ -110,3 +110,79 @@ def test_failures_at_awkward_moments_lose_no_step_and_apply_none_twice(tmp_path,
 def json_records(directory: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(directory.iterdir())
             if p.is_file() and p.name.startswith(("kill-", "hang-"))]
+
+
+def test_resume_is_identical_and_a_corrupt_checkpoint_falls_back(tmp_path, corpus_cache):
+    whole = make_config(tmp_path / "whole", corpus_cache, policy="ndb-exact", replicas=2, steps=30,
+                        checkpoint_every=10)
+    run(whole)
+    uninterrupted = {r["step"]: r["param_hash"] for r in check_replicas_agree(whole.run_path, 30)}
+
+    # a run that was interrupted after step 25: checkpoints 10 and 20 exist, and 20 is truncated
+    resumed = make_config(tmp_path / "resumed", corpus_cache, policy="ndb-exact", replicas=2, steps=30,
+                          checkpoint_every=10, resume=True)
+    (resumed.run_path / "checkpoints").mkdir(parents=True)
+    for step in (10, 20):
+        name = f"step_{step:08d}.ckpt"
+        (resumed.run_path / "checkpoints" / name).write_bytes((whole.run_path / "checkpoints" / name).read_bytes())
+    broken = resumed.run_path / "checkpoints" / "step_00000020.ckpt"
+    broken.write_bytes(broken.read_bytes()[:-1000])
+    result = run(resumed)
+
+    records = [json.loads(line) for line in (resumed.run_path / "metrics" / "replica_0.jsonl").read_text().splitlines()]
+    warning = next(r["message"] for r in records if r.get("event") == "warning")
+    assert "step_00000020.ckpt is truncated" in warning and "falling back to the previous checkpoint" in warning
+    assert next(r for r in records if r.get("event") == "resumed")["step"] == 10
+    series = check_replicas_agree_from(resumed.run_path, 10, 30)
+    assert {r["step"]: r["param_hash"] for r in series} == {s: h for s, h in uninterrupted.items() if s >= 10}
+    assert result.summary["checkpoint_load_s_mean"] > 0
+
+
+def check_replicas_agree_from(run_dir, first, steps):
+    from mecefo.report import committed_steps, read_metrics, step_series
+
+    records = read_metrics(run_dir)
+    assert list(committed_steps(records)) == list(range(first, steps))
+    for step, rs in committed_steps(records).items():
+        assert len({r["param_hash"] for r in rs}) == 1
+    return step_series(records)
+
+
+def test_restart_policy_rolls_back_to_the_checkpoint_and_replays_identically(tmp_path, corpus_cache):
+    cfg = make_config(tmp_path / "restart", corpus_cache, policy="restart", steps=30, checkpoint_every=10,
+                      inject=["kill@15:1"])
+    result = run(cfg)
+    from mecefo.report import committed_steps, read_metrics
+
+    by_step = committed_steps(read_metrics(cfg.run_path))
+    assert list(by_step) == list(range(30))
+    for step, rs in by_step.items():
+        assert len({r["param_hash"] for r in rs}) == 1, f"step {step}: a replay differs from the first run"
+        assert all(r["live"] == [0, 1, 2, 3] for r in rs), "checkpoint-restart never trains short-handed"
+    replayed = [s for s, rs in by_step.items() if len(rs) > 4]
+    assert replayed == list(range(10, 15)), "steps since the last checkpoint are lost and redone"
+    assert result.summary["job_restarts"] == 1 and result.summary["job_restart_s_mean"] > 0
+    assert max_relative_difference(final_model(cfg.run_path), full_batch_reference(cfg.run_path)) < 1e-12
+
+
+def test_scheduled_failures_with_more_than_half_gone(tmp_path, corpus_cache):
+    """Replicas sit out on a schedule; with 3 of 4 gone one orphan is covered and two are dropped, and said so."""
+    schedule = tmp_path / "failures.txt"
+    schedule.write_text("1 3 12\n2 8 12\n3 8 10\n")
+    cfg = make_config(tmp_path / "run", corpus_cache, policy="ndb-exact", steps=16, failures=f"schedule:{schedule}")
+    result = run(cfg)
+    series = check_replicas_agree(cfg.run_path, cfg.steps)
+    failed = {1: range(3, 12), 2: range(8, 12), 3: range(8, 10)}
+
+    def live_at(step):
+        return [r for r in range(4) if step not in failed.get(r, ())]
+
+    assert [r["live"] for r in series] == [live_at(s) for s in range(16)]
+    assert series[8]["neighbours"] == {"3": 0} and series[8]["dropped"] == [1, 2]  # live: 0 only
+    assert series[10]["neighbours"] == {"1": 0, "2": 3} and series[10]["dropped"] == []  # live: 0 and 3
+    assert result.summary["steps_with_dropped_shards"] == 2
+    warnings = [json.loads(line)["message"] for line in (cfg.run_path / "metrics" / "replica_0.jsonl").read_text()
+                .splitlines() if '"warning"' in line]
+    assert len(warnings) == 2 and "more than half the replicas are gone" in warnings[0]
+    reference = full_batch_reference(cfg.run_path, live_at=live_at)
+    assert max_relative_difference(final_model(cfg.run_path), reference) < 1e-12
