@@ -16,6 +16,8 @@ from .membership import POLICIES, check_policy
 from .presets import PRESETS, get_preset
 
 DTYPES = ("float32", "float64", "bfloat16")
+DEVICES = ("cpu", "cuda")
+HASH_STATE_MAX_PARAMS = 50_000_000
 
 
 @dataclass
@@ -25,6 +27,7 @@ class TrainConfig:
     preset: str = "tiny"
     dtype: str = "float32"
     seed: int = 0
+    device: str = "cpu"  # cpu, or cuda (replica i on GPU i mod the GPU count)
     # data: "stdlib" (embedded corpus), text files / directories, or one tokenised .bin file
     data: list[str] = field(default_factory=lambda: ["stdlib"])
     data_dtype: str = "uint16"  # element type of a tokenised .bin file
@@ -56,7 +59,7 @@ class TrainConfig:
     resume: bool = False
     eval_every: int = 0  # steps (0: only at the end)
     eval_batches: int = 8
-    hash_state: bool = True  # log parameter / optimizer-state hashes every step
+    hash_state: bool | None = None  # log parameter / optimizer-state hashes every step (None: if < 50M params)
     threads: int = 1  # torch threads per replica process
     bucket_mb: float = 64.0  # gradient all-reduce bucket size
     # membership (torchft)
@@ -74,6 +77,8 @@ class TrainConfig:
     def validate(self) -> None:
         check_policy(self.policy)
         preset = get_preset(self.preset)
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         positive = dict(replicas=self.replicas, steps=self.steps, seq_len=self.seq_len,
@@ -143,6 +148,8 @@ def add_train_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig) 
     g = parser.add_argument_group("model and data")
     g.add_argument("--preset", default=d.preset, choices=sorted(PRESETS), help="model shape (default %(default)s)")
     g.add_argument("--dtype", default=d.dtype, choices=DTYPES)
+    g.add_argument("--device", default=d.device, choices=DEVICES,
+                   help="cuda: replica i uses GPU i mod the GPU count (gradients still go through gloo)")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--data", nargs="+", default=d.data, metavar="SRC",
                    help="'stdlib' (the Python standard library's sources, byte-level; no download), "
@@ -195,8 +202,10 @@ def add_train_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig) 
                    help="continue from the newest valid checkpoint in --run-dir")
     g.add_argument("--eval-every", type=int, default=d.eval_every)
     g.add_argument("--eval-batches", type=int, default=d.eval_batches)
-    g.add_argument("--no-hash-state", dest="hash_state", action="store_false", default=d.hash_state,
-                   help="do not log parameter / optimizer-state hashes")
+    g.add_argument("--hash-state", dest="hash_state", action="store_true", default=d.hash_state,
+                   help="log parameter / optimizer-state hashes every step (default: for models under 50M "
+                        "parameters; hashing costs about a second per GB of state)")
+    g.add_argument("--no-hash-state", dest="hash_state", action="store_false")
     g.add_argument("--threads", type=int, default=d.threads, help="torch threads per replica")
     g.add_argument("--bucket-mb", type=float, default=d.bucket_mb)
     g.add_argument("--timeout", dest="timeout_s", type=float, default=d.timeout_s,

@@ -301,8 +301,16 @@ def train_main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args)
     if not cfg.run_dir:
         cfg = replace(cfg, run_dir=_timestamped(cfg.policy))
+    return _run_and_print(cfg, progress=not args.no_progress)
+
+
+def _run_and_print(cfg: TrainConfig, progress: bool) -> int:
     started = time.time()
-    result = launch(cfg, progress=not args.no_progress)
+    try:
+        result = launch(cfg, progress=progress)
+    except RunAborted as e:
+        print(f"run aborted: {e}", file=sys.stderr)
+        return 1
     _print_result(result, started)
     return result.returncode
 
@@ -322,9 +330,6 @@ def demo_main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args)
     if not cfg.run_dir:
         cfg = replace(cfg, run_dir=_timestamped("demo"))
-    started = time.time()
     print(f"mecefo-demo: {cfg.replicas} replicas, preset {cfg.preset}, policy {cfg.policy}, {cfg.steps} steps, "
           f"injected: {', '.join(cfg.inject) or 'nothing'}; output in {cfg.run_dir}", flush=True)
-    result = launch(cfg, progress=not args.no_progress)
-    _print_result(result, started)
-    return result.returncode
+    return _run_and_print(cfg, progress=not args.no_progress)

@@ -18,12 +18,21 @@ from .presets import get_preset
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 
-def build_model(cfg: TrainConfig) -> torch.nn.Module:
+def build_model(cfg: TrainConfig, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The preset's model with seeded initial weights (built on the CPU, so every device gets the same)."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(cfg.seed)
     model = LlamaForCausalLM(get_preset(cfg.preset).to_llama_config())
-    return model.to(TORCH_DTYPES[cfg.dtype])
+    return model.to(device=device, dtype=TORCH_DTYPES[cfg.dtype])
+
+
+def replica_device(cfg: TrainConfig, replica: int) -> torch.device:
+    if cfg.device == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("device cuda requested but torch sees no CUDA device")
+    return torch.device("cuda", replica % torch.cuda.device_count())
 
 
 def shard_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -39,15 +48,17 @@ def evaluate(model: torch.nn.Module, batches, count: int) -> float:
     """Mean validation loss over ``count`` fixed validation micro-batches."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     total = 0.0
     for i in range(count):
-        total += shard_loss(model, *batches.val_batch(i)).item()
+        inputs, targets = batches.val_batch(i)
+        total += shard_loss(model, inputs.to(device), targets.to(device)).item()
     model.train(was_training)
     return total / count
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
-    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def parameter_hash(model: torch.nn.Module) -> str:

@@ -29,11 +29,11 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from .config import TrainConfig
+from .config import HASH_STATE_MAX_PARAMS, TrainConfig
 from .data import Batches, CorpusFiles
 from .failures import Injector, load_schedule, parse_injection
 from .membership import normalisers, plan_step
-from .model import build_model, evaluate, optimizer_hash, parameter_hash, shard_loss
+from .model import build_model, evaluate, optimizer_hash, parameter_hash, replica_device, shard_loss
 from .neighbor import NOW, neighbor_path, refresh_due
 from .optim import build_optimizer, lr_at, set_lr
 from .quorum import Membership, connect_store
@@ -62,9 +62,12 @@ class Replica:
         self.restart_consumed = restart_consumed
         self.injector = Injector([parse_injection(s, cfg.replicas) for s in cfg.inject], replica, self.run_dir)
 
+        self.device = replica_device(cfg, replica)
         self.path = neighbor_path(cfg.policy, rank=cfg.rank, tau=cfg.tau)
-        self.model = self.path.prepare(build_model(cfg))
+        self.model = self.path.prepare(build_model(cfg, self.device))
         self.model.train()
+        n_params = sum(p.numel() for p in self.model.parameters())
+        self.hash_state = cfg.hash_state if cfg.hash_state is not None else n_params < HASH_STATE_MAX_PARAMS
         self.batches = Batches(corpus, seq_len=cfg.seq_len, micro_batch=cfg.micro_batch, seed=cfg.seed,
                                vocab_size=self.model.config.vocab_size)
         self.optimizer = build_optimizer(self.model, cfg)
@@ -75,6 +78,7 @@ class Replica:
         self.bases_step: int | None = None
         self.healed = False
         self.rejoin = rejoin
+        self.dropped: tuple[int, ...] = ()  # shards dropped at the last committed step (warn on change)
 
         self.membership = Membership(
             replica=replica, lighthouse=lighthouse, state_dict=self.state_dict,
@@ -193,7 +197,8 @@ class Replica:
             loss_sum = 0.0
             with self.path.context(self.model, neighbour) if shards else nullcontext():
                 for shard in shards:
-                    loss = shard_loss(self.model, *self.batches.batch(step, shard))
+                    inputs, targets = self.batches.batch(step, shard)
+                    loss = shard_loss(self.model, inputs.to(self.device), targets.to(self.device))
                     loss.backward()
                     loss_sum += loss.item()
             compute_s = time.perf_counter() - t1
@@ -227,12 +232,13 @@ class Replica:
                           scheduled_failed=sorted(failed), neighbours={str(d): o for d, o in plan.owners.items()},
                           dropped=list(plan.dropped), shards=list(shards), neighbour=neighbour,
                           quorum_id=self.membership.quorum_id)
-            if cfg.hash_state:
+            if self.hash_state:
                 record.update(param_hash=parameter_hash(self.model), optim_hash=optimizer_hash(self.optimizer))
             self.metrics.write(**record)
             attempts = 0
-            if plan.dropped:
+            if plan.dropped and plan.dropped != self.dropped:
                 self._warn(f"step {step}: more than half the replicas are gone ({plan.describe()})")
+            self.dropped = plan.dropped
             self._after_commit(self.membership.step, min(members))
         if self.replica == min(self.membership.members or (self.replica,)):
             self._evaluate(cfg.steps)

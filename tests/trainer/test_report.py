@@ -1,0 +1,42 @@
+"""Metrics files, the summary and the plot, from a hand-written run directory."""
+
+import json
+
+from mecefo.config import TrainConfig
+from mecefo.report import MetricsWriter, failure_spans, format_summary, metrics_path, plot, read_metrics, summarize
+
+
+def record(step, replica, live, step_s=0.5):
+    return dict(step=step, replica=replica, live=live, members=live, loss=5.0 - 0.1 * step, tokens=100 * len(live),
+                step_s=step_s, tokens_per_s=100 * len(live) / step_s, compute_s=0.1, dropped=[], neighbours={},
+                quorum_end=1000.0 + step)
+
+
+def test_summary_and_plot(tmp_path):
+    TrainConfig(run_dir=str(tmp_path), replicas=2, steps=6).save(tmp_path / "config.json")
+    live = {0: [0, 1], 1: [0, 1], 2: [0], 3: [0], 4: [0, 1], 5: [0, 1]}
+    for replica in (0, 1):
+        writer = MetricsWriter(metrics_path(tmp_path, replica))
+        for step, members in live.items():
+            if replica in members:
+                writer.write(**record(step, replica, members, step_s=1.0 if len(members) == 1 else 0.5))
+        writer.close()
+    with open(metrics_path(tmp_path, 0), "a") as f:
+        f.write(json.dumps({"event": "eval", "step": 6, "val_loss": 2.0, "val_ppl": 7.39, "replica": 0}) + "\n")
+        f.write('{"step": 7, "cut short by a ki')  # a kill mid-write leaves half a line
+
+    records = read_metrics(tmp_path)
+    assert len([r for r in records if "event" not in r]) == 10
+    summary = summarize(tmp_path)
+    assert summary["steps_done"] == 6 and summary["steps_under_failure"] == 2
+    assert summary["tokens_per_s_no_failure"] == 400 and summary["tokens_per_s_under_failure"] == 100
+    assert summary["throughput_drop_pct"] == 75 and summary["max_dead_at_once"] == 1
+    assert summary["val_loss"] == 2.0
+    text = format_summary(summary)
+    assert "throughput drop under failure" in text and "75 %" in text
+    assert plot(tmp_path).stat().st_size > 10_000
+
+
+def test_failure_spans():
+    series = [{"step": s, "live": live} for s, live in enumerate([[0, 1], [0], [0], [0, 1], [1], [1]])]
+    assert failure_spans(series, 2) == [(1, 3), (4, 6)]
