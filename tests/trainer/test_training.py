@@ -183,6 +183,6 @@ def test_scheduled_failures_with_more_than_half_gone(tmp_path, corpus_cache):
     assert result.summary["steps_with_dropped_shards"] == 2
     warnings = [json.loads(line)["message"] for line in (cfg.run_path / "metrics" / "replica_0.jsonl").read_text()
                 .splitlines() if '"warning"' in line]
-    assert len(warnings) == 2 and "more than half the replicas are gone" in warnings[0]
+    assert len(warnings) == 1 and "step 8: more than half the replicas are gone" in warnings[0]
     reference = full_batch_reference(cfg.run_path, live_at=live_at)
     assert max_relative_difference(final_model(cfg.run_path), reference) < 1e-12
