@@ -189,7 +189,8 @@ class Replica:
             shards = plan.shards_of(self.replica)
             neighbour = plan.is_neighbour(self.replica)
             due = neighbour and refresh_due(step, was_neighbour=self.was_neighbour, bases_step=self.bases_step)
-            if due and self.path.refresh(self.model, step=None if due == NOW else step):
+            refreshed = bool(due) and self.path.refresh(self.model, step=None if due == NOW else step)
+            if refreshed:
                 self.bases_step = step
 
             t1 = time.perf_counter()
@@ -230,7 +231,7 @@ class Replica:
                           tokens_per_s=tokens / step_s, quorum_s=quorum_s, quorum_end=quorum_end, compute_s=compute_s, sync_s=sync_s,
                           attempts=attempts, members=list(members), live=list(plan.live),
                           scheduled_failed=sorted(failed), neighbours={str(d): o for d, o in plan.owners.items()},
-                          dropped=list(plan.dropped), shards=list(shards), neighbour=neighbour,
+                          dropped=list(plan.dropped), shards=list(shards), neighbour=neighbour, bases_refreshed=refreshed,
                           quorum_id=self.membership.quorum_id)
             if self.hash_state:
                 record.update(param_hash=parameter_hash(self.model), optim_hash=optimizer_hash(self.optimizer))

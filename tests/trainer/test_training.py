@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import mecefo_kernels
+from mecefo.report import committed_steps, read_metrics, step_series
 from trainer_runs import (check_replicas_agree, final_model, full_batch_reference, make_config,
                           max_relative_difference, run)
 
@@ -53,7 +54,7 @@ def test_ndb_exact_loses_nothing_when_a_replica_is_killed_and_shrink_does(tmp_pa
     result = run(cfg)
     series = check_replicas_agree(cfg.run_path, cfg.steps)
     reference = full_batch_reference(cfg.run_path)
-    assert max_relative_difference(final_model(cfg.run_path), reference) < 1e-12
+    assert max_relative_difference(final_model(cfg.run_path), reference.state) < 1e-12
 
     # replica 2 died at step 6: replica 3 ran shard 2 as a neighbour until 2 came back and healed
     covered = [r for r in series if r["neighbours"]]
@@ -72,7 +73,7 @@ def test_ndb_exact_loses_nothing_when_a_replica_is_killed_and_shrink_does(tmp_pa
                          restart_after=None)
     run(shrink)
     check_replicas_agree(shrink.run_path, shrink.steps)
-    assert max_relative_difference(final_model(shrink.run_path), full_batch_reference(shrink.run_path)) > 1e-4
+    assert max_relative_difference(final_model(shrink.run_path), full_batch_reference(shrink.run_path).state) > 1e-4
 
 
 AWKWARD = {  # injections, steps, restart the dead this many steps later, most replicas down at once
@@ -96,7 +97,7 @@ def test_failures_at_awkward_moments_lose_no_step_and_apply_none_twice(tmp_path,
     result = run(cfg)
     series = check_replicas_agree(cfg.run_path, cfg.steps)
     # a lost or doubly applied step would change the trajectory: it equals full-batch training
-    assert max_relative_difference(final_model(cfg.run_path), full_batch_reference(cfg.run_path)) < 1e-12
+    assert max_relative_difference(final_model(cfg.run_path), full_batch_reference(cfg.run_path).state) < 1e-12
     fired = sorted((f["action"], f["phase"]) for f in json_records(cfg.run_path / "injections"))
     assert fired == sorted((i.split("@")[0], i.split("=")[0].split(":")[2] if i.count(":") > 1 else "step")
                            for i in inject), "every injection fired, at its phase"
@@ -139,8 +140,6 @@ def test_resume_is_identical_and_a_corrupt_checkpoint_falls_back(tmp_path, corpu
 
 
 def check_replicas_agree_from(run_dir, first, steps):
-    from mecefo.report import committed_steps, read_metrics, step_series
-
     records = read_metrics(run_dir)
     assert list(committed_steps(records)) == list(range(first, steps))
     for step, rs in committed_steps(records).items():
@@ -152,8 +151,6 @@ def test_restart_policy_rolls_back_to_the_checkpoint_and_replays_identically(tmp
     cfg = make_config(tmp_path / "restart", corpus_cache, policy="restart", steps=30, checkpoint_every=10,
                       inject=["kill@15:1"])
     result = run(cfg)
-    from mecefo.report import committed_steps, read_metrics
-
     by_step = committed_steps(read_metrics(cfg.run_path))
     assert list(by_step) == list(range(30))
     for step, rs in by_step.items():
@@ -162,7 +159,7 @@ def test_restart_policy_rolls_back_to_the_checkpoint_and_replays_identically(tmp
     replayed = [s for s, rs in by_step.items() if len(rs) > 4]
     assert replayed == list(range(10, 15)), "steps since the last checkpoint are lost and redone"
     assert result.summary["job_restarts"] == 1 and result.summary["job_restart_s_mean"] > 0
-    assert max_relative_difference(final_model(cfg.run_path), full_batch_reference(cfg.run_path)) < 1e-12
+    assert max_relative_difference(final_model(cfg.run_path), full_batch_reference(cfg.run_path).state) < 1e-12
 
 
 def test_scheduled_failures_with_more_than_half_gone(tmp_path, corpus_cache):
@@ -185,4 +182,26 @@ def test_scheduled_failures_with_more_than_half_gone(tmp_path, corpus_cache):
                 .splitlines() if '"warning"' in line]
     assert len(warnings) == 1 and "step 8: more than half the replicas are gone" in warnings[0]
     reference = full_batch_reference(cfg.run_path, live_at=live_at)
-    assert max_relative_difference(final_model(cfg.run_path), reference) < 1e-12
+    assert max_relative_difference(final_model(cfg.run_path), reference.state) < 1e-12
+
+
+@pytest.mark.skipif(not HAS_MECEFO_API, reason="needs mecefo_kernels.apply_mecefo (layers)")
+def test_mecefo_neighbour_mode_only_while_covering_a_dead_replica(tmp_path, corpus_cache):
+    cfg = make_config(tmp_path / "mecefo", corpus_cache, policy="mecefo", steps=70, tau=10, inject=["kill@6:2"])
+    run(cfg)
+    series = check_replicas_agree(cfg.run_path, cfg.steps)  # every replica applies the same MeCeFO update
+    records = [r for r in read_metrics(cfg.run_path) if "event" not in r]
+    covering = [r for r in records if r["neighbour"]]
+    assert covering and {r["replica"] for r in covering} == {3} and covering[0]["step"] == 6
+    assert all(r["shards"] == [3, 2] for r in covering)
+    # bases: computed when replica 3 became a neighbour, then at every multiple of tau
+    assert [r["step"] for r in covering if r["bases_refreshed"]] == [6] + [s for s in range(10, 70, 10)
+                                                                          if any(c["step"] == s for c in covering)]
+    back = covering[-1]["step"] + 1
+    assert back < cfg.steps - 5 and not any(r["neighbour"] for r in records if r["step"] >= back)
+    # steps 0-5 are ordinary training; from step 6 the approximation changes the trajectory, a little
+    reference = full_batch_reference(cfg.run_path)
+    assert max_relative_difference(final_model(cfg.run_path), reference.state) > 1e-9
+    assert [r["loss"] for r in series[:7]] == pytest.approx(reference.losses[:7], rel=1e-12)
+    assert series[7]["loss"] != pytest.approx(reference.losses[7], rel=1e-12)
+    assert series[-1]["loss"] == pytest.approx(reference.losses[-1], rel=0.05)

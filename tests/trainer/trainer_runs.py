@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,12 +41,18 @@ def final_model(run_dir: Path) -> dict:
     return read_checkpoint(path)["model"]
 
 
-def full_batch_reference(run_dir: Path, live_at=None) -> dict:
+@dataclass
+class Reference:
+    state: dict  # final state dict
+    losses: list[float]  # full-batch loss per step
+
+
+def full_batch_reference(run_dir: Path, live_at=None) -> Reference:
     """A single process trains on each step's whole global batch (all shards concatenated).
 
     ``live_at(step)`` gives the live replicas at a step when some are failed on a schedule; the
     batch then holds the shards the NDB plan processes (all of them unless more than half are
-    gone). The final state dict is returned.
+    gone).
     """
     run_dir = Path(run_dir)
     cfg = TrainConfig.load(run_dir / "config.json")
@@ -54,17 +61,20 @@ def full_batch_reference(run_dir: Path, live_at=None) -> dict:
     optimizer = build_optimizer(model, cfg)
     batches = Batches(corpus, seq_len=cfg.seq_len, micro_batch=cfg.micro_batch, seed=cfg.seed,
                       vocab_size=model.config.vocab_size)
+    losses = []
     for step in range(cfg.steps):
         live = live_at(step) if live_at else range(cfg.replicas)
         dropped = plan_step(cfg.replicas, live, "ndb-exact").dropped
         xs, ys = zip(*(batches.batch(step, s) for s in range(cfg.replicas) if s not in dropped))
         optimizer.zero_grad(set_to_none=True)
-        shard_loss(model, torch.cat(xs), torch.cat(ys)).backward()
+        loss = shard_loss(model, torch.cat(xs), torch.cat(ys))
+        loss.backward()
+        losses.append(loss.item())
         if cfg.clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip, foreach=False)
         set_lr(optimizer, lr_at(step, cfg))
         optimizer.step()
-    return model.state_dict()
+    return Reference(model.state_dict(), losses)
 
 
 def max_relative_difference(a: dict, b: dict) -> float:
