@@ -22,7 +22,7 @@ from mecefo.report import committed_steps, read_metrics, step_series
 # at 3e-3 this tiny model goes through a loss spike near step 25 that amplifies a one-ulp
 # perturbation of the full-batch run itself to 1e-8, so no exact comparison could survive it.
 FAST = dict(preset="tiny", dtype="float64", seq_len=16, micro_batch=2, warmup=5, lr=1e-3, replicas=4,
-            checkpoint_every=0, eval_batches=2, heartbeat_timeout_s=1.0, timeout_s=4.0, quorum_timeout_s=60.0,
+            checkpoint_every=0, eval_batches=2, heartbeat_timeout_s=1.5, timeout_s=4.0, quorum_timeout_s=60.0,
             restart_after=0, max_wall_s=150.0, threads=1)
 
 
