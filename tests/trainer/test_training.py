@@ -50,7 +50,7 @@ def test_no_failure_is_bit_identical_to_plain_data_parallel(tmp_path, corpus_cac
 
 def test_ndb_exact_loses_nothing_when_a_replica_is_killed_and_shrink_does(tmp_path, corpus_cache):
     """A SIGKILLed replica's shard is run by its neighbour: the result equals single-process full-batch training."""
-    cfg = make_config(tmp_path / "ndb", corpus_cache, policy="ndb-exact", steps=90, inject=["kill@6:2"])
+    cfg = make_config(tmp_path / "ndb", corpus_cache, policy="ndb-exact", steps=110, inject=["kill@6:2"])
     result = run(cfg)
     series = check_replicas_agree(cfg.run_path, cfg.steps)
     reference = full_batch_reference(cfg.run_path)
@@ -187,21 +187,24 @@ def test_scheduled_failures_with_more_than_half_gone(tmp_path, corpus_cache):
 
 @pytest.mark.skipif(not HAS_MECEFO_API, reason="needs mecefo_kernels.apply_mecefo (layers)")
 def test_mecefo_neighbour_mode_only_while_covering_a_dead_replica(tmp_path, corpus_cache):
-    cfg = make_config(tmp_path / "mecefo", corpus_cache, policy="mecefo", steps=70, tau=10, inject=["kill@6:2"])
+    # float32: apply_mecefo needs an RMSNorm computing in the model dtype (LlamaRMSNorm computes float64 in float32)
+    same = dict(dtype="float32", steps=120, tau=10, inject=["kill@6:2"])
+    cfg = make_config(tmp_path / "mecefo", corpus_cache, policy="mecefo", **same)
+    exact = make_config(tmp_path / "exact", corpus_cache, policy="ndb-exact", **same)
     run(cfg)
+    run(exact)
     series = check_replicas_agree(cfg.run_path, cfg.steps)  # every replica applies the same MeCeFO update
+    exact_series = check_replicas_agree(exact.run_path, exact.steps)
     records = [r for r in read_metrics(cfg.run_path) if "event" not in r]
     covering = [r for r in records if r["neighbour"]]
     assert covering and {r["replica"] for r in covering} == {3} and covering[0]["step"] == 6
     assert all(r["shards"] == [3, 2] for r in covering)
-    # bases: computed when replica 3 became a neighbour, then at every multiple of tau
-    assert [r["step"] for r in covering if r["bases_refreshed"]] == [6] + [s for s in range(10, 70, 10)
-                                                                          if any(c["step"] == s for c in covering)]
-    back = covering[-1]["step"] + 1
+    # bases: recomputed when replica 3 became a neighbour, then at every multiple of tau
+    steps = [r["step"] for r in covering]
+    assert [r["step"] for r in covering if r["bases_refreshed"]] == [6] + [s for s in steps if s % 10 == 0]
+    back = steps[-1] + 1
     assert back < cfg.steps - 5 and not any(r["neighbour"] for r in records if r["step"] >= back)
-    # steps 0-5 are ordinary training; from step 6 the approximation changes the trajectory, a little
-    reference = full_batch_reference(cfg.run_path)
-    assert max_relative_difference(final_model(cfg.run_path), reference.state) > 1e-9
-    assert [r["loss"] for r in series[:7]] == pytest.approx(reference.losses[:7], rel=1e-12)
-    assert series[7]["loss"] != pytest.approx(reference.losses[7], rel=1e-12)
-    assert series[-1]["loss"] == pytest.approx(reference.losses[-1], rel=0.05)
+    # bit for bit exact NDB until a neighbour runs in neighbour mode (step 6), then the approximation shows
+    assert [r["param_hash"] for r in series[:6]] == [r["param_hash"] for r in exact_series[:6]]
+    assert series[6]["param_hash"] != exact_series[6]["param_hash"]
+    assert series[-1]["loss"] == pytest.approx(exact_series[-1]["loss"], rel=0.05)
