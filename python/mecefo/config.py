@@ -38,8 +38,10 @@ class TrainConfig:
     replicas: int = 4
     steps: int = 200
     policy: str = "mecefo"
-    rank: int | float | None = None  # MeCeFO low-rank gradient rank, or fraction of in_features (None: mecefo_kernels' default)
-    tau: int | None = None  # refresh the low-rank bases every tau steps while a neighbour (None: mecefo_kernels' default)
+    # MeCeFO: low-rank gradient rank (int, or fraction of in_features) and the bases' refresh period
+    # in steps while a neighbour; None: mecefo_kernels' defaults
+    rank: int | float | None = None
+    tau: int | None = None
     # optimizer: AdamW, linear warm-up then cosine decay to min_lr_ratio * lr
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
@@ -88,7 +90,8 @@ class TrainConfig:
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if self.seq_len > preset.max_seq_len:
-            raise ValueError(f"seq_len {self.seq_len} exceeds preset {self.preset!r}'s max_seq_len {preset.max_seq_len}")
+            raise ValueError(f"seq_len {self.seq_len} exceeds preset {self.preset!r}'s max_seq_len "
+                             f"{preset.max_seq_len}")
         if self.min_replicas > self.replicas:
             raise ValueError(f"min_replicas {self.min_replicas} exceeds replicas {self.replicas}")
         if self.warmup < 0 or self.checkpoint_every < 0 or self.eval_every < 0:

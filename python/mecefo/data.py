@@ -127,7 +127,8 @@ def prepare_corpus(sources: list[str], *, cache_dir: str | Path | None = None, v
         root, files = None, [Path(sources[0])]
         if not files[0].is_file():
             raise FileNotFoundError(f"--data {sources[0]!r}: no such file")
-        key_src = f"bin|{files[0].resolve()}|{files[0].stat().st_size}|{files[0].stat().st_mtime_ns}|{data_dtype}|{val_percent}"
+        stat = files[0].stat()
+        key_src = f"bin|{files[0].resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{data_dtype}|{val_percent}"
         kind = f"tokenised {files[0].name} ({data_dtype})"
     else:
         root, files = _text_files(sources)

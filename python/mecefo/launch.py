@@ -256,7 +256,8 @@ class Supervisor:
 def prepare_run_dir(cfg: TrainConfig) -> None:
     run_dir = cfg.run_path
     if (run_dir / METRICS_DIR).is_dir() and not cfg.resume:
-        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
+        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another "
+                              "--run-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     for spec in cfg.inject:  # fail now, not in every replica
         parse_injection(spec, cfg.replicas)

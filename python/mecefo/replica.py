@@ -73,7 +73,7 @@ class Replica:
         self.optimizer = build_optimizer(self.model, cfg)
         self.sync = GradientSync(self.model, self.path.skipped_parameters(self.model),
                                  bucket_bytes=int(cfg.bucket_mb * (1 << 20)))
-        # neighbour-episode state of this replica (not shared: see neighbor.needs_refresh)
+        # neighbour-episode state of this replica (not shared: see neighbor.refresh_due)
         self.was_neighbour = False
         self.bases_step: int | None = None
         self.healed = False
@@ -154,96 +154,102 @@ class Replica:
     # ---- the loop -------------------------------------------------------------------------------
 
     def run(self) -> int:
-        cfg = self.cfg
+        """Train until cfg.steps updates are committed; the exit code (0, or RESTART_EXIT_CODE)."""
         last_commit = time.perf_counter()
         attempts = 0
         while True:
             t0 = time.perf_counter()
             self.healed = False
             self.membership.start_quorum()
-            quorum_s = time.perf_counter() - t0
-            quorum_end = time.time()
+            timing = dict(quorum_s=time.perf_counter() - t0, quorum_end=time.time())
             step = self.membership.step
             if self.healed:
                 self.rejoin = False
-                self.metrics.write(event="healed", replica=self.replica, step=step, seconds=quorum_s)
-            if step >= cfg.steps:
+                self.metrics.write(event="healed", replica=self.replica, step=step, seconds=timing["quorum_s"])
+            if step >= self.cfg.steps:
                 break
-            attempts += 1
             if self.rejoin and not self.healed and self.membership.members == (self.replica,):
                 print(f"[replica {self.replica}] restarted, but no live replica is left to rejoin: exiting",
                       flush=True)
                 return 0
-            if self.membership.errored():  # the quorum or the healing failed: skip to the commit
+            attempts += 1
+            if self.membership.errored():  # the quorum or the healing failed: no step, straight to the commit
                 self.membership.abort()
                 self.membership.commit()
-                self._discard(step, quorum_s)
+                self._discard(step, timing["quorum_s"])
                 continue
             self.injector.fire("step", step)
-            if cfg.policy == "restart" and self._scheduled_restart(step):
+            if self.cfg.policy == "restart" and self._scheduled_restart(step):
                 return RESTART_EXIT_CODE
-
-            members = self.membership.members
-            failed = frozenset() if cfg.policy == "restart" else self.schedule.failed_at(step)
-            plan = plan_step(cfg.replicas, [r for r in members if r not in failed], cfg.policy)
-            shards = plan.shards_of(self.replica)
-            neighbour = plan.is_neighbour(self.replica)
-            due = neighbour and refresh_due(step, was_neighbour=self.was_neighbour, bases_step=self.bases_step)
-            refreshed = bool(due) and self.path.refresh(self.model, step=None if due == NOW else step)
-            if refreshed:
-                self.bases_step = step
-
-            t1 = time.perf_counter()
-            self.optimizer.zero_grad(set_to_none=True)
-            loss_sum = 0.0
-            with self.path.context(self.model, neighbour) if shards else nullcontext():
-                for shard in shards:
-                    inputs, targets = self.batches.batch(step, shard)
-                    loss = shard_loss(self.model, inputs.to(self.device), targets.to(self.device))
-                    loss.backward()
-                    loss_sum += loss.item()
-            compute_s = time.perf_counter() - t1
-
-            t2 = time.perf_counter()
-            ok = self.sync.reduce(self._allreduce_sum, contributes=bool(shards))
-            stats = torch.tensor([loss_sum, float(len(shards))], dtype=torch.float64)
-            ok = ok and self.membership.allreduce_sum(stats)
-            if not ok:
-                self.membership.abort()
-            else:
-                self.sync.normalise(normalisers(plan, cfg.policy))
-                if cfg.clip > 0:
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip, foreach=False)
-            lr = lr_at(step, cfg)
-            set_lr(self.optimizer, lr)
-            sync_s = time.perf_counter() - t2
-
-            if not self.membership.commit():
-                self._discard(step, quorum_s)
+            record = self._train_step(step)
+            if record is None:
+                self._discard(step, timing["quorum_s"])
                 continue
-            self.optimizer.step()
-            self.was_neighbour = neighbour
             now = time.perf_counter()
             step_s, last_commit = now - last_commit, now
-            tokens = int(stats[1].item()) * cfg.tokens_per_shard
-            record = dict(step=step, replica=self.replica, policy=cfg.policy, time=time.time(),
-                          loss=stats[0].item() / stats[1].item(), lr=lr, tokens=tokens, step_s=step_s,
-                          tokens_per_s=tokens / step_s, quorum_s=quorum_s, quorum_end=quorum_end, compute_s=compute_s, sync_s=sync_s,
-                          attempts=attempts, members=list(members), live=list(plan.live),
-                          scheduled_failed=sorted(failed), neighbours={str(d): o for d, o in plan.owners.items()},
-                          dropped=list(plan.dropped), shards=list(shards), neighbour=neighbour, bases_refreshed=refreshed,
-                          quorum_id=self.membership.quorum_id)
+            record.update(timing, step_s=step_s, tokens_per_s=record["tokens"] / step_s, attempts=attempts)
             if self.hash_state:
                 record.update(param_hash=parameter_hash(self.model), optim_hash=optimizer_hash(self.optimizer))
             self.metrics.write(**record)
             attempts = 0
-            if plan.dropped and plan.dropped != self.dropped:
-                self._warn(f"step {step}: more than half the replicas are gone ({plan.describe()})")
-            self.dropped = plan.dropped
-            self._after_commit(self.membership.step, min(members))
+            if record["dropped"] and tuple(record["dropped"]) != self.dropped:
+                self._warn(f"step {step}: more than half the replicas are gone ({record['plan']})")
+            self.dropped = tuple(record["dropped"])
+            self._after_commit(self.membership.step, min(record["members"]))
         if self.replica == min(self.membership.members or (self.replica,)):
-            self._evaluate(cfg.steps)
+            self._evaluate(self.cfg.steps)
         return 0
+
+    def _train_step(self, step: int) -> dict | None:
+        """Plan, forward/backward, gradient sync, commit: the committed step's record, or None if discarded."""
+        cfg = self.cfg
+        members = self.membership.members
+        failed = frozenset() if cfg.policy == "restart" else self.schedule.failed_at(step)
+        plan = plan_step(cfg.replicas, [r for r in members if r not in failed], cfg.policy)
+        shards = plan.shards_of(self.replica)
+        neighbour = plan.is_neighbour(self.replica)
+        due = neighbour and refresh_due(step, was_neighbour=self.was_neighbour, bases_step=self.bases_step)
+        refreshed = bool(due) and self.path.refresh(self.model, step=None if due == NOW else step)
+        if refreshed:
+            self.bases_step = step
+
+        t0 = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        with self.path.context(self.model, neighbour) if shards else nullcontext():
+            for shard in shards:
+                inputs, targets = self.batches.batch(step, shard)
+                loss = shard_loss(self.model, inputs.to(self.device), targets.to(self.device))
+                loss.backward()
+                loss_sum += loss.item()
+        compute_s = time.perf_counter() - t0
+
+        t1 = time.perf_counter()
+        ok = self.sync.reduce(self._allreduce_sum, contributes=bool(shards))
+        stats = torch.tensor([loss_sum, float(len(shards))], dtype=torch.float64)  # summed: global loss
+        ok = ok and self.membership.allreduce_sum(stats)
+        if ok:
+            self.sync.normalise(normalisers(plan, cfg.policy))
+            if cfg.clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip, foreach=False)
+        else:
+            self.membership.abort()
+        lr = lr_at(step, cfg)
+        set_lr(self.optimizer, lr)
+        sync_s = time.perf_counter() - t1
+
+        if not self.membership.commit():
+            return None
+        self.optimizer.step()
+        self.was_neighbour = neighbour
+        processed = int(stats[1].item())
+        return dict(step=step, replica=self.replica, policy=cfg.policy, time=time.time(),
+                    loss=stats[0].item() / processed, lr=lr, tokens=processed * cfg.tokens_per_shard,
+                    compute_s=compute_s, sync_s=sync_s,
+                    members=list(members), live=list(plan.live), scheduled_failed=sorted(failed),
+                    neighbours={str(d): o for d, o in plan.owners.items()}, dropped=list(plan.dropped),
+                    plan=plan.describe(), shards=list(shards), neighbour=neighbour, bases_refreshed=refreshed,
+                    quorum_id=self.membership.quorum_id)
 
     def _allreduce_sum(self, tensor: torch.Tensor) -> bool:
         step = self.membership.step

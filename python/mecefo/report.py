@@ -133,7 +133,8 @@ def summarize(run_dir: str | Path) -> dict:
     spawns = [e for e in events if e.get("event") == "spawn" and e.get("rejoin")]
     rejoin = []
     for e in spawns:
-        first = [r["time"] for r in records if "event" not in r and r["replica"] == e["replica"] and r["time"] > e["time"]]
+        first = [r["time"] for r in records
+                 if "event" not in r and r["replica"] == e["replica"] and r["time"] > e["time"]]
         if first:
             rejoin.append(min(first) - e["time"])
     job_restarts = []
@@ -196,7 +197,8 @@ def format_summary(s: dict) -> str:
         ("steps", f"{s['steps_done']} / {s['steps_planned']}"),
         ("training time", _fmt(s["train_seconds"], " s")),
         ("tokens/s (all steps)", _fmt(s["tokens_per_s"])),
-        ("tokens/s no failure / under failure", f"{_fmt(s['tokens_per_s_no_failure'])} / {_fmt(s['tokens_per_s_under_failure'])}"),
+        ("tokens/s no failure / under failure",
+         f"{_fmt(s['tokens_per_s_no_failure'])} / {_fmt(s['tokens_per_s_under_failure'])}"),
         ("throughput drop under failure", _fmt(s["throughput_drop_pct"], " %")),
         ("steps under failure (max dead at once)", f"{s['steps_under_failure']} ({s['max_dead_at_once']})"),
         ("steps with dropped shards", s["steps_with_dropped_shards"]),

@@ -75,7 +75,7 @@ class GradientSync:
         return True
 
     def normalise(self, norms: Normalisers) -> None:
-        """Divide the summed gradients: skipped params by ``norms.attention`` (or drop them if None), the rest by ``norms.rest``."""
+        """Divide the sums: skipped params by ``norms.attention`` (None: no gradient), the rest by ``norms.rest``."""
         for (_, p), skipped in zip(self.params, self.skipped):
             divisor = norms.attention if skipped else norms.rest
             if divisor is None:

@@ -63,7 +63,8 @@ def synced(model, path, batches, live, policy, bucket_bytes):
     summed: list[torch.Tensor] = []
     for replica in range(N):
         shards = plan.shards_of(replica)
-        shard_grads(model, path, batches, shards or [replica], plan.is_neighbour(replica))  # a dead one's grads are junk
+        # a dead replica computes junk gradients, which it must not send
+        shard_grads(model, path, batches, shards or [replica], plan.is_neighbour(replica))
         sent = []
         sync.reduce(lambda t: sent.append(t.clone()) or True, contributes=bool(shards))
         summed = [a + b for a, b in zip(summed, sent)] if summed else sent

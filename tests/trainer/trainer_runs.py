@@ -97,7 +97,7 @@ def check_replicas_agree(run_dir: Path, steps: int) -> list[dict]:
         assert len(replicas) == len(set(replicas)), f"step {step} applied twice by a replica: {replicas}"
         # a quorum member that did not commit this step saw it fail (it heals from the others next)
         missing = set(rs[0]["members"]) - set(replicas)
-        assert all((m, step) in discarded for m in missing), f"step {step}: members {missing} neither committed nor failed"
+        assert all((m, step) in discarded for m in missing), f"step {step}: {missing} neither committed nor failed"
         states = {(r["param_hash"], r["optim_hash"], r["lr"]) for r in rs}
         assert len(states) == 1, f"step {step}: replicas disagree: {[(r['replica'], r['param_hash']) for r in rs]}"
     return step_series(records)
