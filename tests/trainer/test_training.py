@@ -15,7 +15,7 @@ import torch
 import mecefo_kernels
 from mecefo.report import committed_steps, read_metrics, step_series
 from trainer_runs import (check_replicas_agree, final_model, full_batch_reference, make_config,
-                          max_relative_difference, run)
+                          relative_difference, run)
 
 pytestmark = pytest.mark.slow
 HERE = Path(__file__).parent
@@ -54,7 +54,7 @@ def test_ndb_exact_loses_nothing_when_a_replica_is_killed_and_shrink_does(tmp_pa
     result = run(cfg)
     series = check_replicas_agree(cfg.run_path, cfg.steps)
     reference = full_batch_reference(cfg.run_path)
-    assert max_relative_difference(final_model(cfg.run_path), reference.state) < 1e-12
+    assert relative_difference(final_model(cfg.run_path), reference.state) < 1e-12
 
     # replica 2 died at step 6: replica 3 ran shard 2 as a neighbour until 2 came back and healed
     covered = [r for r in series if r["neighbours"]]
@@ -73,7 +73,7 @@ def test_ndb_exact_loses_nothing_when_a_replica_is_killed_and_shrink_does(tmp_pa
                          restart_after=None)
     run(shrink)
     check_replicas_agree(shrink.run_path, shrink.steps)
-    assert max_relative_difference(final_model(shrink.run_path), full_batch_reference(shrink.run_path).state) > 1e-4
+    assert relative_difference(final_model(shrink.run_path), full_batch_reference(shrink.run_path).state) > 1e-4
 
 
 AWKWARD = {  # injections, steps, restart the dead this many steps later, most replicas down at once
@@ -97,7 +97,7 @@ def test_failures_at_awkward_moments_lose_no_step_and_apply_none_twice(tmp_path,
     result = run(cfg)
     series = check_replicas_agree(cfg.run_path, cfg.steps)
     # a lost or doubly applied step would change the trajectory: it equals full-batch training
-    assert max_relative_difference(final_model(cfg.run_path), full_batch_reference(cfg.run_path).state) < 1e-12
+    assert relative_difference(final_model(cfg.run_path), full_batch_reference(cfg.run_path).state) < 1e-12
     fired = sorted((f["action"], f["phase"]) for f in json_records(cfg.run_path / "injections"))
     assert fired == sorted((i.split("@")[0], i.split("=")[0].split(":")[2] if i.count(":") > 1 else "step")
                            for i in inject), "every injection fired, at its phase"
@@ -159,7 +159,7 @@ def test_restart_policy_rolls_back_to_the_checkpoint_and_replays_identically(tmp
     replayed = [s for s, rs in by_step.items() if len(rs) > 4]
     assert replayed == list(range(10, 15)), "steps since the last checkpoint are lost and redone"
     assert result.summary["job_restarts"] == 1 and result.summary["job_restart_s_mean"] > 0
-    assert max_relative_difference(final_model(cfg.run_path), full_batch_reference(cfg.run_path).state) < 1e-12
+    assert relative_difference(final_model(cfg.run_path), full_batch_reference(cfg.run_path).state) < 1e-12
 
 
 def test_scheduled_failures_with_more_than_half_gone(tmp_path, corpus_cache):
@@ -182,7 +182,7 @@ def test_scheduled_failures_with_more_than_half_gone(tmp_path, corpus_cache):
                 .splitlines() if '"warning"' in line]
     assert len(warnings) == 1 and "step 8: more than half the replicas are gone" in warnings[0]
     reference = full_batch_reference(cfg.run_path, live_at=live_at)
-    assert max_relative_difference(final_model(cfg.run_path), reference.state) < 1e-12
+    assert relative_difference(final_model(cfg.run_path), reference.state) < 1e-12
 
 
 @pytest.mark.skipif(not HAS_MECEFO_API, reason="needs mecefo_kernels.apply_mecefo (layers)")
