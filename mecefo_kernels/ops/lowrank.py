@@ -83,7 +83,7 @@ def check_basis(name: str, basis, in_features: int, ref_name: str, ref: torch.Te
 
 @torch.no_grad()
 def lowrank_basis(weight: torch.Tensor, rank: int, *, method: str = "svd", dtype: torch.dtype | None = None,
-                  oversample: int = 8, power_iters: int = 2, generator: torch.Generator | None = None) -> torch.Tensor:
+                  oversample: int = 8, power_iters: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
     """Orthonormal basis of the top-`rank` right singular vectors of a linear weight.
 
     Args:
@@ -91,10 +91,14 @@ def lowrank_basis(weight: torch.Tensor, rank: int, *, method: str = "svd", dtype
         rank: 1 <= rank <= in_features. Past min(out, in) the basis is completed with
             null-space directions (rank == in_features makes the low-rank gradient exact).
         method: "svd" (exact, torch.linalg.svd) or "randomized" (randomized SVD with
-            `oversample` extra columns and `power_iters` power iterations; costs
-            O(out*in*(rank+oversample)) per iteration instead of a full SVD. With the defaults
-            its subspace matches the SVD's closely for matrices with decaying spectra: the
-            tests check the projection error of W stays within 1% of the SVD's optimum).
+            `oversample` extra columns and `power_iters` power iterations: about
+            4 * (power_iters + 1) * out * in * (rank + oversample) FLOPs in GEMMs plus QRs of
+            [features, rank + oversample], instead of a full SVD's O(out * in * min(out, in))).
+            How close it gets, as the share of the exact basis's captured energy
+            ||W V||_F^2 it keeps (measured, and tested at small shapes): with a decaying
+            spectrum (power law k^-1/2) >= 99% with the defaults; with a flat spectrum (an
+            i.i.d. Gaussian weight, i.e. freshly initialised) >= 95% with the defaults
+            (power_iters=2: ~90%; power_iters=8: >= 98.5%).
         dtype: dtype of the result; default float32 (float64 for float64 weights). The SVD
             always runs in float32 or better.
         generator: RNG for "randomized" (default: a fixed seed, so the global RNG is untouched).

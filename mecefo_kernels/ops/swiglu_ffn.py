@@ -130,7 +130,7 @@ def _swiglu_ffn_backward_op(dy: torch.Tensor, x: torch.Tensor, a: torch.Tensor |
     dw_gate = weight_grad(impl, da, z, v_gate, w_gate.dtype) if needs[1] else empty_grad(w_gate)
     dw_up = weight_grad(impl, du, z, v_up, w_up.dtype) if needs[2] else empty_grad(w_up)
     dw_down = weight_grad(impl, dy, p, v_down, w_down.dtype) if needs[3] else empty_grad(w_down)
-    dx = dnorm = empty_grad(x)
+    dx, dnorm = empty_grad(x), empty_grad(x)  # outputs may not alias
     with_norm_grad = needs[4] and norm_weight is not None
     if needs[0] or with_norm_grad:
         dz = torch.addmm(da @ w_gate, du, w_up)  # one pass over dz: the second GEMM accumulates into it

@@ -53,7 +53,7 @@ def svd_basis(weight: torch.Tensor, rank: int, compute_dtype: torch.dtype) -> to
 
 
 def randomized_basis(weight: torch.Tensor, rank: int, compute_dtype: torch.dtype, *, oversample: int = 8,
-                     power_iters: int = 2, generator: torch.Generator | None = None) -> torch.Tensor:
+                     power_iters: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
     """Randomized SVD (Halko, Martinsson, Tropp 2011, Alg. 4.4 + 5.1) for the top right singular
     vectors: a range finder on W^T with `power_iters` re-orthonormalised power iterations, then an
     exact SVD of the small projected matrix. Uses its own generator so it never consumes the

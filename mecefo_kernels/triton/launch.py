@@ -54,10 +54,22 @@ def elementwise_block() -> int:
     return 16384 if triton_interpreting() else 1024
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """tl.dot input precision: exact fp32 products for fp32 operands (what torch matmul does by
-    default), native tensor-core products for bf16/fp16 (always accumulated in fp32)."""
+def dot_mode(dtype: torch.dtype) -> str:
+    """How `mma` multiplies tiles of `dtype`: exact fp32 products for fp32 operands ("ieee", what
+    torch matmul does by default), tensor-core products for bf16/fp16 (accumulated in fp32), and
+    "upcast" for bf16 under the interpreter, whose tl.dot multiplies bf16 tiles as raw uint16
+    bits (bf16 -> fp32 is exact, so the products are the same)."""
+    if dtype == torch.bfloat16 and triton_interpreting():
+        return "upcast"
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def mma(a, b, acc, DOT_MODE: tl.constexpr):
+    """acc + a @ b in fp32 (see dot_mode)."""
+    if DOT_MODE == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=DOT_MODE)
 
 
 @triton.jit

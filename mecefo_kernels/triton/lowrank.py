@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import autotune_configs, check_dtype, dot_precision, grouped_tile, tile_grid
+from .launch import autotune_configs, check_dtype, dot_mode, grouped_tile, mma, tile_grid
 
 
 def _tile(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
@@ -38,7 +38,7 @@ _CONFIGS = autotune_configs([
 @triton.autotune(configs=_CONFIGS, key=["M", "N", "K"])
 @triton.jit
 def _matmul_kernel(A, B, C, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-                   DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   DOT_MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """C [M, N] = A [M, K] @ B [K, N], any strides; B rounded to A's dtype; fp32 accumulation."""
     pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -54,7 +54,7 @@ def _matmul_kernel(A, B, C, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
         k_left = K - k * BLOCK_K
         a = tl.load(a_ptrs, mask=m_mask & (offs_k[None, :] < k_left), other=0.0)
         b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & n_mask, other=0.0).to(A.dtype.element_ty)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        acc = mma(a, b, acc, DOT_MODE)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     tl.store(C + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn, acc.to(C.dtype.element_ty),
@@ -66,7 +66,7 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.T
     c = torch.empty((m, n), dtype=out_dtype, device=a.device)
     if m and n:
         _matmul_kernel[tile_grid(m, n)](a, b, c, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-                                        c.stride(0), c.stride(1), DOT_PRECISION=dot_precision(a.dtype))
+                                        c.stride(0), c.stride(1), DOT_MODE=dot_mode(a.dtype))
     return c
 
 

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import autotune_configs, check_dtype, dot_precision, elementwise_block, grouped_tile, tile_grid
+from .launch import autotune_configs, check_dtype, dot_mode, elementwise_block, grouped_tile, mma, tile_grid
 
 
 @triton.jit
@@ -134,7 +134,7 @@ _BWD_CONFIGS = autotune_configs([
 
 @triton.jit
 def _dual_dot(Z, WG, WU, offs_m, offs_n, M, N, K, stride_zm, stride_zk, stride_wn, stride_wk,
-              DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+              DOT_MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """(z Wg^T, z Wu^T) for one [BLOCK_M, BLOCK_N] tile, fp32: each z tile is loaded once for both."""
     offs_k = tl.arange(0, BLOCK_K)
     z_ptrs = Z + offs_m[:, None] * stride_zm + offs_k[None, :] * stride_zk
@@ -151,8 +151,8 @@ def _dual_dot(Z, WG, WU, offs_m, offs_n, M, N, K, stride_zm, stride_zk, stride_w
         w_mask = (offs_k[:, None] < k_left) & n_mask
         wg = tl.load(wg_ptrs, mask=w_mask, other=0.0)
         wu = tl.load(wu_ptrs, mask=w_mask, other=0.0)
-        acc_a = tl.dot(z, wg, acc_a, input_precision=DOT_PRECISION)
-        acc_u = tl.dot(z, wu, acc_u, input_precision=DOT_PRECISION)
+        acc_a = mma(z, wg, acc_a, DOT_MODE)
+        acc_u = mma(z, wu, acc_u, DOT_MODE)
         z_ptrs += BLOCK_K * stride_zk
         wg_ptrs += BLOCK_K * stride_wk
         wu_ptrs += BLOCK_K * stride_wk
@@ -162,13 +162,13 @@ def _dual_dot(Z, WG, WU, offs_m, offs_n, M, N, K, stride_zm, stride_zk, stride_w
 @triton.autotune(configs=_FWD_CONFIGS, key=["N", "K"])
 @triton.jit
 def _gate_up_swiglu_fwd_kernel(Z, WG, WU, P, A, U, M, N, K, stride_zm, stride_zk, stride_wn, stride_wk,
-                               STORE_PREACT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                               STORE_PREACT: tl.constexpr, DOT_MODE: tl.constexpr, BLOCK_M: tl.constexpr,
                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc_a, acc_u = _dual_dot(Z, WG, WU, offs_m, offs_n, M, N, K, stride_zm, stride_zk, stride_wn, stride_wk,
-                             DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+                             DOT_MODE, BLOCK_M, BLOCK_N, BLOCK_K)
     out_ty = P.dtype.element_ty
     a = acc_a.to(out_ty)
     u = acc_u.to(out_ty)
@@ -184,14 +184,14 @@ def _gate_up_swiglu_fwd_kernel(Z, WG, WU, P, A, U, M, N, K, stride_zm, stride_zk
 @triton.autotune(configs=_BWD_CONFIGS, key=["N", "K", "K_OUT"])
 @triton.jit
 def _gate_up_swiglu_bwd_kernel(Z, WG, WU, DY, WD, DA, DU, P, M, N, K, K_OUT, stride_zm, stride_zk, stride_wn,
-                               stride_wk, stride_dym, stride_dyk, stride_wdk, stride_wdn, DOT_PRECISION: tl.constexpr,
+                               stride_wk, stride_dym, stride_dyk, stride_wdk, stride_wdn, DOT_MODE: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                GROUP_M: tl.constexpr):
     pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc_a, acc_u = _dual_dot(Z, WG, WU, offs_m, offs_n, M, N, K, stride_zm, stride_zk, stride_wn, stride_wk,
-                             DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+                             DOT_MODE, BLOCK_M, BLOCK_N, BLOCK_K)
     # dp = dy Wd over the output features: Wd is [K_OUT, N], so its [BLOCK_K, BLOCK_N] tiles
     # are read along contiguous rows.
     offs_k = tl.arange(0, BLOCK_K)
@@ -204,7 +204,7 @@ def _gate_up_swiglu_bwd_kernel(Z, WG, WU, DY, WD, DA, DU, P, M, N, K, K_OUT, str
         k_left = K_OUT - k * BLOCK_K
         dy = tl.load(dy_ptrs, mask=m_mask & (offs_k[None, :] < k_left), other=0.0)
         wd = tl.load(wd_ptrs, mask=(offs_k[:, None] < k_left) & n_mask, other=0.0)
-        acc_dp = tl.dot(dy, wd, acc_dp, input_precision=DOT_PRECISION)
+        acc_dp = mma(dy, wd, acc_dp, DOT_MODE)
         dy_ptrs += BLOCK_K * stride_dyk
         wd_ptrs += BLOCK_K * stride_wdk
     out_ty = P.dtype.element_ty
@@ -241,7 +241,7 @@ def gate_up_swiglu(z: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
     if m and n:
         _gate_up_swiglu_fwd_kernel[tile_grid(m, n)](
             z, w_gate, w_up, p, a, u, m, n, k, z.stride(0), z.stride(1), w_gate.stride(0), w_gate.stride(1),
-            STORE_PREACT=store_preact, DOT_PRECISION=dot_precision(z.dtype))
+            STORE_PREACT=store_preact, DOT_MODE=dot_mode(z.dtype))
     return p, a, u
 
 
@@ -270,7 +270,7 @@ def gate_up_swiglu_bwd(z: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor
         _gate_up_swiglu_bwd_kernel[tile_grid(m, n)](
             z, w_gate, w_up, dy, w_down, da, du, p, m, n, k, w_down.shape[0], z.stride(0), z.stride(1),
             w_gate.stride(0), w_gate.stride(1), dy.stride(0), dy.stride(1), w_down.stride(0), w_down.stride(1),
-            DOT_PRECISION=dot_precision(z.dtype))
+            DOT_MODE=dot_mode(z.dtype))
     return da, du, p
 
 
