@@ -129,7 +129,8 @@ def empty_grad(like: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("mecefo_api::lowrank_linear", mutates_args=())
 def _lowrank_linear_op(x: torch.Tensor, weight: torch.Tensor, basis: torch.Tensor, bias: torch.Tensor | None,
                        project: bool, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [T, in] -> (y = x W^T + b [T, out], x V [T, r] when `project`, else [0, r])."""
+    """x [T, in] -> (y = x W^T + b [T, out], x V [T, r] when `project`, else [0, r]).
+    `project` must be True when weight will need a gradient (the only use of x V)."""
     y = torch.nn.functional.linear(x, weight, bias)
     xv = lowrank_project(impl, x, basis) if project else x.new_empty((0, basis.shape[1]))
     return y, xv
@@ -168,6 +169,8 @@ def _lowrank_linear_setup(ctx, inputs, output):
 def _lowrank_linear_backward(ctx, dy, _dxv):
     weight, basis, xv = ctx.saved_tensors
     needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3]]
+    if needs[1] and xv.shape[0] != dy.shape[0]:
+        raise RuntimeError("mecefo_api::lowrank_linear was called with project=False, but weight needs a gradient")
     dx, dw, db = torch.ops.mecefo_api.lowrank_linear_backward(dy, weight, basis, xv, ctx.impl, needs)
     return (dx if needs[0] else None, dw if needs[1] else None, None, db if needs[2] else None, None, None)
 
