@@ -185,7 +185,9 @@ def swiglu_ffn(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down
         norm_weight: optional [d]: z = RMSNorm(x) * norm_weight (LLaMA post_attention_layernorm).
         eps: RMSNorm epsilon.
         recompute: save only x for backward and recompute z, a, u, p there. Gradients are
-            unchanged (bitwise: the recomputation repeats the forward's arithmetic).
+            unchanged: bitwise on the torch/cpu/cuda backends (the recomputation repeats the
+            forward's arithmetic), to rounding on triton (whose backward GEMM fuses the
+            recompute and may tile the sums differently).
         bases: optional (V_gate [d, r1], V_up [d, r2], V_down [h, r3]), any float dtype (see
             lowrank_basis): weight gradients become dW ~= dG^T (X V) V^T with X the weight's own
             input (z for gate/up, p for down). None: exact weight gradients. Input and

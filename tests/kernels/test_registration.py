@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from numerics import live_implementations
+from numerics import live_implementations, saved_activation_bytes
 
 import mecefo_kernels as mk
 
@@ -136,13 +136,8 @@ def test_compile_fullgraph_swiglu_ffn_keeps_recompute():
     def f(x):
         return mk.swiglu_ffn(x, wg, wu, wd, norm_weight=nw, recompute=True, bases=bases, backend=impl)
 
-    compiled = torch.compile(f, fullgraph=True)
-    skip = {p.untyped_storage().data_ptr() for p in params + bases}
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda s: saved.append(s) or s, lambda s: s):
-        out = compiled(x)
-    activation_bytes = sum(s.untyped_storage().nbytes() for s in saved if s.untyped_storage().data_ptr() not in skip)
-    assert activation_bytes <= x.numel() * x.element_size() + 4 * t, [tuple(s.shape) for s in saved]
+    activation_bytes, out = saved_activation_bytes(lambda: torch.compile(f, fullgraph=True)(x), params + bases)
+    assert activation_bytes <= x.numel() * x.element_size() + 4 * t
     out.square().sum().backward()
     got = [out.detach()] + [p.grad.clone() for p in (x, *params)]
     for p in (x, *params):

@@ -3,7 +3,7 @@ every gradient, exact and low-rank, with and without recompute; saved activation
 
 import pytest
 import torch
-from numerics import DTYPES, assert_close, devices, live_implementations, non_contiguous
+from numerics import DTYPES, assert_close, devices, live_implementations, non_contiguous, saved_activation_bytes
 
 import mecefo_kernels as mk
 
@@ -163,23 +163,6 @@ def test_recompute_changes_nothing(device):
         recomputed = ffn_mecefo(x, w_gate, w_up, w_down, norm_weight, bases, dy, recompute=True, backend=impl)
         for name, s, r in zip(NAMES, saved, recomputed):
             assert torch.equal(s, r), f"{impl}/{name} differs with recompute=True"
-
-
-def saved_activation_bytes(fn, exclude):
-    """Bytes of the distinct storages autograd saves while running fn(), leaving out `exclude`'s
-    storages (parameters and bases)."""
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
-    storages = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in skip:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return sum(storages.values()), out
 
 
 @pytest.mark.parametrize("device", devices())
