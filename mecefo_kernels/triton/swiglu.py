@@ -120,15 +120,15 @@ def _tile(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
                          num_stages=stages)
 
 
-# Two [BLOCK_M, BLOCK_N] fp32 accumulators per program (gate and up): H100-sized tiles.
+# Two [BLOCK_M, BLOCK_N] fp32 accumulators per program (gate and up): H100-sized tiles (the
+# largest is the 128x256 output tile of Triton's own H100 matmul configs, split in two).
 _FWD_CONFIGS = autotune_configs([
     _tile(128, 128, 64, 8, 3), _tile(128, 64, 64, 4, 4), _tile(64, 128, 64, 4, 4),
     _tile(128, 64, 32, 4, 5), _tile(64, 64, 64, 4, 4),
 ], _INTERPRETER_TILE)
-# Three accumulators (gate, up, dp): smaller tiles or more warps.
+# Three accumulators (gate, up, dp): at most 96 fp32 accumulator registers per thread.
 _BWD_CONFIGS = autotune_configs([
-    _tile(128, 64, 64, 8, 3), _tile(64, 128, 64, 8, 3), _tile(64, 64, 64, 4, 4),
-    _tile(128, 128, 32, 8, 3), _tile(64, 64, 32, 4, 5),
+    _tile(128, 64, 64, 8, 3), _tile(64, 128, 64, 8, 3), _tile(64, 64, 64, 4, 4), _tile(64, 64, 32, 4, 5),
 ], _INTERPRETER_TILE)
 
 
