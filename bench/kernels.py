@@ -233,14 +233,15 @@ OPS = {
 TOKEN_FREE = {"lowrank_basis"}
 
 
-def run_case(case: Case, config: str, modes: list[str], device: torch.device, recorder: Recorder) -> None:
+def run_case(case: Case, config: str, modes: list[str], device: torch.device, recorder: Recorder,
+             rep_ms: float) -> None:
     def record(mode, metric, unit, median, p20=None, p80=None):
         recorder.add(benchmark=f"kernels/{case.op}", provider=case.provider, mode=mode, config=config,
                      metric=metric, unit=unit, median=median, p20=p20, p80=p80)
 
     for mode in modes:
         fn = case.make(mode)
-        t = time_fn(fn, device)
+        t = time_fn(fn, device, rep_ms=rep_ms)
         peak = peak_memory_bytes(fn, device)
         gbps = case.bytes_moved(mode) / (t.median_ms * 1e-3) / 1e9 if case.bytes_moved else None
         record(mode, "time", "ms", t.median_ms, t.p20_ms, t.p80_ms)
@@ -276,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bfloat16" if cuda else "float32",
                         choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--rep-ms", type=float, default=100, help="time spent measuring each call (more: steadier)")
     parser.add_argument("--csv", type=Path, default=None, help="append rows here (default bench/results/results.csv)")
     parser.add_argument("--no-save", action="store_true", help="print only")
     args = parser.parse_args(argv)
@@ -292,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             for tokens in args.tokens[:1] if op in TOKEN_FREE else args.tokens:
                 for case in OPS[op](preset, tokens, dtype, device):
                     run_case(case, f"{preset_name}:{case.config}", [m for m in args.modes if m in case.modes],
-                             device, recorder)
+                             device, recorder, args.rep_ms)
     if not args.no_save:
         print(f"appended {len(recorder.rows)} rows to {recorder.save()}")
     return 0

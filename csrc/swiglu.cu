@@ -60,12 +60,14 @@ __global__ void swiglu_fwd_kernel(const scalar_t* __restrict__ a, const scalar_t
     P pv;
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      pv.v[k] = static_cast<scalar_t>(swiglu(static_cast<acc_t>(av.v[k]), static_cast<acc_t>(uv.v[k])));
+      const acc_t a_k = static_cast<acc_t>(av.v[k]);
+      pv.v[k] = static_cast<scalar_t>(swiglu(a_k, sigmoid(a_k), static_cast<acc_t>(uv.v[k])));
     }
     reinterpret_cast<P*>(p)[i] = pv;
   }
   for (int64_t i = packs * N + first; i < n; i += stride) {
-    p[i] = static_cast<scalar_t>(swiglu(static_cast<acc_t>(a[i]), static_cast<acc_t>(u[i])));
+    const acc_t a_i = static_cast<acc_t>(a[i]);
+    p[i] = static_cast<scalar_t>(swiglu(a_i, sigmoid(a_i), static_cast<acc_t>(u[i])));
   }
 }
 
@@ -85,8 +87,8 @@ __global__ void swiglu_bwd_kernel(const scalar_t* __restrict__ dp, const scalar_
     P dav, duv, pv;
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      const auto r = swiglu_grads(static_cast<acc_t>(gv.v[k]), static_cast<acc_t>(av.v[k]),
-                                  static_cast<acc_t>(uv.v[k]));
+      const acc_t a_k = static_cast<acc_t>(av.v[k]);
+      const auto r = swiglu_grads(static_cast<acc_t>(gv.v[k]), a_k, sigmoid(a_k), static_cast<acc_t>(uv.v[k]));
       dav.v[k] = static_cast<scalar_t>(r.da);
       duv.v[k] = static_cast<scalar_t>(r.du);
       pv.v[k] = static_cast<scalar_t>(r.p);
@@ -96,7 +98,8 @@ __global__ void swiglu_bwd_kernel(const scalar_t* __restrict__ dp, const scalar_
     reinterpret_cast<P*>(p)[i] = pv;
   }
   for (int64_t i = packs * N + first; i < n; i += stride) {
-    const auto r = swiglu_grads(static_cast<acc_t>(dp[i]), static_cast<acc_t>(a[i]), static_cast<acc_t>(u[i]));
+    const acc_t a_i = static_cast<acc_t>(a[i]);
+    const auto r = swiglu_grads(static_cast<acc_t>(dp[i]), a_i, sigmoid(a_i), static_cast<acc_t>(u[i]));
     da[i] = static_cast<scalar_t>(r.da);
     du[i] = static_cast<scalar_t>(r.du);
     p[i] = static_cast<scalar_t>(r.p);
