@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                         choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--rep-ms", type=float, default=None, help="timing budget per scenario")
     parser.add_argument("--rounds", type=int, default=None,
-                        help="interleaved timing rounds over the scenarios (default: 1 on GPU, 5 on CPU)")
+                        help="interleaved timing rounds over the scenarios (default: 1 on GPU, 9 on CPU)")
     parser.add_argument("--csv", type=Path, default=None, help="append rows here (default bench/results/results.csv)")
     parser.add_argument("--no-save", action="store_true", help="print only")
     args = parser.parse_args(argv)
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype)
     rank = args.rank if args.rank is not None else mk.nn.decoder.DEFAULT_RANK
     rep_ms = args.rep_ms or (200 if cuda else 1000)
-    rounds = args.rounds or (1 if cuda else 5)
+    rounds = args.rounds or (1 if cuda else 9)
     recorder = Recorder(device, **({"path": args.csv} if args.csv else {}))
     print(f"# step costs on {recorder.env['device']}, {args.dtype}, rank {rank}")
     print(f"{'config':<34}{'scope':<7}{'scenario':<19}{'ms':>10}{'x normal':>9}{'floor x':>8}"
