@@ -40,7 +40,22 @@ from timing import Timing, peak_memory_bytes, saved_tensor_bytes, time_fn  # noq
 import mecefo_kernels as mk  # noqa: E402
 from mecefo.presets import ModelPreset, get_preset  # noqa: E402
 
-SCENARIOS = ("normal", "neighbor", "mecefo-both", "exact-both", "exact-both-concat")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    neighbor: bool  # micro-batches run in neighbour mode
+    micro_batches: int  # run one after the other, gradients accumulated
+    shards_per_micro_batch: int  # shards concatenated into one micro-batch
+
+
+SCENARIOS = {
+    "normal": Scenario(False, 1, 1),
+    "neighbor": Scenario(True, 1, 1),
+    "mecefo-both": Scenario(True, 2, 1),
+    "exact-both": Scenario(False, 2, 1),
+    "exact-both-concat": Scenario(False, 1, 2),
+}
 SCOPES = ("block", "model", "step")
 
 
@@ -95,10 +110,8 @@ def micro_batch_flops(s: Shape, scope: str, neighbor: bool, batch: int) -> float
 
 def floor_flops(s: Shape, scope: str, scenario: str) -> float:
     """The analytic FLOP floor of one scenario (the optimizer step adds no matmul FLOPs)."""
-    one = {"normal": (False, 1, 1), "neighbor": (True, 1, 1), "mecefo-both": (True, 1, 2),
-           "exact-both": (False, 1, 2), "exact-both-concat": (False, 2, 1)}[scenario]
-    neighbor, batch_factor, repeats = one
-    return repeats * micro_batch_flops(s, scope, neighbor, s.batch * batch_factor)
+    sc = SCENARIOS[scenario]
+    return sc.micro_batches * micro_batch_flops(s, scope, sc.neighbor, s.batch * sc.shards_per_micro_batch)
 
 
 # --------------------------------------------------------------------------- workloads
@@ -118,27 +131,31 @@ class Workload:
             loss = self.forward(inputs)
         loss.backward()
 
+    def micro_batch_inputs(self, sc: Scenario) -> list[torch.Tensor]:
+        if sc.shards_per_micro_batch == 2:
+            return [torch.cat(self.inputs)]
+        return list(self.inputs[:sc.micro_batches])
+
     def scenario(self, name: str) -> Callable[[], None]:
-        a, b = self.inputs
-        runs = {"normal": [(a, False)], "neighbor": [(a, True)], "mecefo-both": [(a, True), (b, True)],
-                "exact-both": [(a, False), (b, False)], "exact-both-concat": [(torch.cat([a, b]), False)]}[name]
+        sc = SCENARIOS[name]
+        inputs = self.micro_batch_inputs(sc)
 
         def run():
-            for inputs, neighbor in runs:
-                self.micro_batch(inputs, neighbor)
+            for x in inputs:
+                self.micro_batch(x, sc.neighbor)
             if self.optimizer is not None:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
         return run
 
     def saved_bytes(self, name: str) -> int:
-        """Activations held at the end of one micro-batch's forward (the largest of the scenario's)."""
-        a, b = self.inputs
-        inputs, neighbor = {"normal": (a, False), "neighbor": (a, True), "mecefo-both": (a, True),
-                            "exact-both": (a, False), "exact-both-concat": (torch.cat([a, b]), False)}[name]
+        """Activations held at the end of one micro-batch's forward (micro-batches of a scenario run one
+        after the other, each freeing its activations in its backward, so one is the peak)."""
+        sc = SCENARIOS[name]
+        first = self.micro_batch_inputs(sc)[0]
         own = (*self.module.parameters(), *self.module.buffers())
-        with mk.neighbor_mode(self.module, enabled=neighbor):
-            return saved_tensor_bytes(lambda: self.forward(inputs), exclude=own)
+        with mk.neighbor_mode(self.module, enabled=sc.neighbor):
+            return saved_tensor_bytes(lambda: self.forward(first), exclude=own)
 
 
 def build_model(preset: ModelPreset, layers: int, rank, dtype, device):

@@ -27,16 +27,20 @@ def decoder_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
             if isinstance(getattr(m, "self_attn", None), nn.Module) and isinstance(getattr(m, "mlp", None), nn.Module)]
 
 
+def transformers_version() -> str:
+    from importlib.metadata import version
+
+    return version("transformers")
+
+
 def _check_transformers_version(layer: nn.Module) -> None:
     """Decoder layers of transformers < 5 return tuples; the neighbour path returns a tensor as 5.x does."""
     if not type(layer).__module__.startswith("transformers."):
         return
-    import transformers
-
-    major = int(transformers.__version__.split(".")[0])
-    if major < 5:
+    found = transformers_version()
+    if int(found.split(".")[0]) < 5:
         raise RuntimeError(f"apply_mecefo needs transformers >= 5 (decoder layers return tensors), "
-                           f"found {transformers.__version__}: pip install 'mecefo_kernels[hf]'")
+                           f"found {found}: pip install 'mecefo_kernels[hf]'")
 
 
 def apply_mecefo(model: nn.Module, *, rank: int | float = DEFAULT_RANK, refresh_every: int = DEFAULT_REFRESH_EVERY,
@@ -59,8 +63,8 @@ def apply_mecefo(model: nn.Module, *, rank: int | float = DEFAULT_RANK, refresh_
             Default 1/32 (see README: cost-driven, a fidelity sweep may revise it).
         refresh_every: tau, the period in steps of :func:`mecefo_kernels.refresh_bases` with
             ``step=``. Default 200.
-        basis_method: "randomized" (default; randomized SVD, about rank/in_features of a full
-            SVD's cost) or "svd" (exact top singular vectors).
+        basis_method: "randomized" (default; randomized SVD, O(out * in * (rank + 8)) per pass
+            instead of a full SVD's O(out * in * min(out, in))) or "svd" (exact top singular vectors).
         backend: kernel backend for the neighbour FFN op (None: $MECEFO_BACKEND or auto).
 
     Returns:

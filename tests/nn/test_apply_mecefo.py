@@ -206,3 +206,10 @@ def test_torch_compile_normal_and_neighbor_modes():
             assert (p.grad is None) == (q.grad is None), n
             if q.grad is not None:
                 torch.testing.assert_close(p.grad, q.grad)
+
+
+def test_transformers_4_is_refused(monkeypatch):
+    """Decoder layers of transformers 4.x return tuples: the neighbour path's tensor would be misread."""
+    monkeypatch.setattr(mk.hf, "transformers_version", lambda: "4.57.1")
+    with pytest.raises(RuntimeError, match="needs transformers >= 5"):
+        mk.apply_mecefo(lm.tiny_model())
