@@ -37,7 +37,7 @@ def grads(model):
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("dtype", [*LOW_PRECISION, torch.float64])
 def test_normal_mode_is_the_unpatched_model(device, dtype):
     model = lm.tiny_model(dtype=dtype, device=device)
     ref = copy.deepcopy(model)
