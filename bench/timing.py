@@ -102,3 +102,23 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int | N
     fn()
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) - base
+
+
+def saved_tensor_bytes(fn: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) -> int:
+    """Bytes of the distinct storages autograd saves for backward while fn runs (any device).
+
+    Tensors sharing a storage count once; storages of `exclude` (parameters, buffers) are not
+    activations and do not count. Run only the forward in fn: the count is what the backward
+    will need, i.e. the activation memory a micro-batch holds at the end of its forward."""
+    excluded = {t.untyped_storage().data_ptr() for t in exclude}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in excluded:
+            storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
