@@ -2,10 +2,12 @@
 
     python bench/kernels.py                 # GPU if present (bf16), else a quick CPU run (fp32)
     python bench/kernels.py --ops rmsnorm --presets llama-1b --tokens 4096 8192
+    python bench/kernels.py --ops swiglu_ffn --presets llama-350m llama-1b llama-7b --tokens 4096 16384
 
 Times are medians with p20/p80 (triton.testing.do_bench on GPU, wall clock on CPU); each
 row also goes to bench/results/results.csv. On CPU only the ratios between providers of
-the same run mean anything.
+the same run mean anything. Memory: activations saved for backward (saved_tensors_hooks,
+any device) and, on GPU, memory held after forward and peak memory per call.
 """
 
 from __future__ import annotations
@@ -21,11 +23,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from records import Recorder  # noqa: E402
-from timing import peak_memory_bytes, time_fn  # noqa: E402
+from timing import peak_memory_bytes, retained_memory_bytes, saved_activation_bytes, time_fn  # noqa: E402
 
 import mecefo_kernels as mk  # noqa: E402
 from mecefo.presets import get_preset  # noqa: E402
 from mecefo_kernels import backend as mk_backend  # noqa: E402
+from mecefo_kernels.ops.swiglu_ffn import swiglu_bwd, swiglu_fwd  # noqa: E402
+
+MODES = ("fwd", "bwd", "full")
 
 
 @dataclass
@@ -37,6 +42,28 @@ class Case:
     config: str
     make: Callable[[str], Callable[[], object]]  # mode -> closure
     bytes_moved: Callable[[str], float] | None = None  # mode -> bytes, for GB/s
+    modes: tuple[str, ...] = MODES
+    forward: Callable[[], object] | None = None  # one differentiable forward, for the memory metrics
+    saved_exclude: tuple[torch.Tensor, ...] | None = None  # parameters and bases; None: hooks cannot see
+    extra: dict[str, tuple[str, float]] | None = None  # metric -> (unit, value), recorded once
+
+
+def live_providers(family: str, device: torch.device) -> list[str]:
+    """Implementations to benchmark: live ones, triton only on real GPUs (the interpreter is no benchmark)."""
+    return [impl for impl, status in mk_backend.explain(family, device.type).items()
+            if status.ok and (impl != "triton" or device.type == "cuda")]
+
+
+def autograd_make(fn: Callable[[], torch.Tensor], inputs: tuple[torch.Tensor, ...], dy: torch.Tensor):
+    """mode -> closure: forward only, backward of one retained graph, or both."""
+    def make(mode):
+        if mode == "fwd":
+            return fn
+        if mode == "bwd":
+            y = fn()
+            return lambda: torch.autograd.grad(y, inputs, dy, retain_graph=True)
+        return lambda: torch.autograd.grad(fn(), inputs, dy)
+    return make
 
 
 def rmsnorm_cases(tokens: int, hidden: int, dtype: torch.dtype, device: torch.device) -> list[Case]:
@@ -49,9 +76,8 @@ def rmsnorm_cases(tokens: int, hidden: int, dtype: torch.dtype, device: torch.de
         return b * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(a.dtype)
 
     providers: dict[str, Callable] = {"eager": eager}
-    for impl, status in mk_backend.explain("rmsnorm", device.type).items():
-        if status.ok and (impl != "triton" or device.type == "cuda"):
-            providers[f"mecefo-{impl}"] = lambda a, b, impl=impl: mk.rms_norm(a, b, backend=impl)
+    for impl in live_providers("rmsnorm", device):
+        providers[f"mecefo-{impl}"] = lambda a, b, impl=impl: mk.rms_norm(a, b, backend=impl)
     config = f"T={tokens},d={hidden}"
     elem = x.element_size()
 
@@ -72,7 +98,174 @@ def rmsnorm_cases(tokens: int, hidden: int, dtype: torch.dtype, device: torch.de
     return [Case("rmsnorm", name, config, make_for(fn), bytes_moved) for name, fn in providers.items()]
 
 
-OPS = {"rmsnorm": lambda preset, tokens, dtype, device: rmsnorm_cases(tokens, preset.hidden_size, dtype, device)}
+def llama_mlp(x, norm_weight, w_gate, w_up, w_down, eps=1e-6):
+    """What a user runs today: LlamaRMSNorm + LlamaMLP in plain PyTorch."""
+    h = x.float()
+    z = norm_weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return torch.nn.functional.linear(torch.nn.functional.silu(torch.nn.functional.linear(z, w_gate))
+                                      * torch.nn.functional.linear(z, w_up), w_down)
+
+
+def liger_mlp() -> Callable | None:
+    """Liger-Kernel's fused SwiGLU (LigerSiLUMulFunction) in the same MLP, if installed."""
+    try:
+        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+    except Exception as exc:  # not installable everywhere (needs CUDA triton)
+        print(f"# liger provider skipped: liger_kernel is not importable ({exc.__class__.__name__}: {exc})")
+        return None
+
+    def mlp(x, norm_weight, w_gate, w_up, w_down, eps=1e-6):
+        h = x.float()
+        z = norm_weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+        gate, up = torch.nn.functional.linear(z, w_gate), torch.nn.functional.linear(z, w_up)
+        return torch.nn.functional.linear(LigerSiLUMulFunction.apply(gate, up), w_down)
+
+    return mlp
+
+
+def swiglu_ffn_cases(tokens: int, hidden: int, ffn: int, dtype: torch.dtype, device: torch.device) -> list[Case]:
+    """The LLaMA FFN block (RMSNorm + SwiGLU MLP). Neighbour mode = recompute + low-rank
+    weight gradients with r = d/8 for all three weights."""
+    rank = hidden // 8
+    x = torch.randn(tokens, hidden, device=device, dtype=dtype, requires_grad=True)
+    norm_weight = torch.ones(hidden, device=device, dtype=dtype, requires_grad=True)
+    w_gate, w_up = (torch.randn(ffn, hidden, device=device, dtype=dtype) / hidden**0.5 for _ in range(2))
+    w_down = torch.randn(hidden, ffn, device=device, dtype=dtype) / ffn**0.5
+    weights = tuple(w.requires_grad_() for w in (w_gate, w_up, w_down))
+    bases = tuple(mk.lowrank_basis(w, rank) for w in weights)
+    dy = torch.randn(tokens, hidden, device=device, dtype=dtype)
+    inputs = (x, norm_weight, *weights)
+    params = (norm_weight, *weights, *bases)
+
+    providers: dict[str, tuple[Callable, bool]] = {}  # name -> (fn(*inputs), saved tensors visible to hooks)
+    for impl in live_providers("swiglu_ffn", device):
+        providers[f"mecefo-{impl}-neighbour-r{rank}"] = (
+            lambda x, n, g, u, d, impl=impl: mk.swiglu_ffn(x, g, u, d, norm_weight=n, recompute=True, bases=bases,
+                                                             backend=impl), True)
+        providers[f"mecefo-{impl}-exact"] = (
+            lambda x, n, g, u, d, impl=impl: mk.swiglu_ffn(x, g, u, d, norm_weight=n, backend=impl), True)
+    providers["eager"] = (llama_mlp, True)
+    providers["eager-checkpoint"] = (
+        lambda *args: torch.utils.checkpoint.checkpoint(llama_mlp, *args, use_reentrant=False), False)
+    providers["compiled-eager"] = (torch.compile(llama_mlp), True)
+    liger = liger_mlp()
+    if liger is not None:
+        providers["liger"] = (liger, True)
+
+    config = f"T={tokens},d={hidden},h={ffn}"
+    cases = []
+    for name, (fn, hooks_see_it) in providers.items():
+        def forward(fn=fn):
+            return fn(*inputs)
+        cases.append(Case("swiglu_ffn", name, config, autograd_make(forward, inputs, dy), forward=forward,
+                          saved_exclude=params if hooks_see_it else None))
+    return cases
+
+
+def swiglu_cases(tokens: int, ffn: int, dtype: torch.dtype, device: torch.device) -> list[Case]:
+    """The elementwise SwiGLU alone (p = silu(a) u and its backward): memory-bound, so GB/s."""
+    a, u, dp = (torch.randn(tokens, ffn, device=device, dtype=dtype) for _ in range(3))
+
+    def eager_fwd():
+        return torch.nn.functional.silu(a) * u
+
+    def eager_bwd():  # what autograd runs for silu(a) * u: da = dp u silu'(a), du = dp silu(a)
+        return torch.ops.aten.silu_backward(dp * u, a), dp * torch.nn.functional.silu(a)
+
+    providers = {"eager": (eager_fwd, eager_bwd)}
+    for impl in live_providers("swiglu_ffn", device):
+        providers[f"mecefo-{impl}"] = (lambda impl=impl: swiglu_fwd(impl, a, u),
+                                       lambda impl=impl: swiglu_bwd(impl, dp, a, u))
+    per = tokens * ffn * a.element_size()
+
+    def bytes_moved(mode):  # fwd: a, u -> p; bwd: dp, a, u -> da, du, p (mecefo; eager writes no p)
+        return {"fwd": 3 * per, "bwd": 6 * per}[mode]
+
+    return [Case("swiglu", name, f"T={tokens},h={ffn}", lambda mode, f=f, b=b: f if mode == "fwd" else b,
+                 bytes_moved, modes=("fwd", "bwd")) for name, (f, b) in providers.items()]
+
+
+def lowrank_linear_cases(tokens: int, hidden: int, ffn: int, dtype: torch.dtype, device: torch.device) -> list[Case]:
+    """The FFN's up projection as a low-rank linear (r = d/8) against nn.functional.linear."""
+    rank = hidden // 8
+    x = torch.randn(tokens, hidden, device=device, dtype=dtype, requires_grad=True)
+    weight = (torch.randn(ffn, hidden, device=device, dtype=dtype) / hidden**0.5).requires_grad_()
+    basis = mk.lowrank_basis(weight, rank)
+    dy = torch.randn(tokens, ffn, device=device, dtype=dtype)
+    providers: dict[str, Callable] = {"eager": lambda: torch.nn.functional.linear(x, weight)}
+    for impl in live_providers("lowrank", device):
+        providers[f"mecefo-{impl}-r{rank}"] = lambda impl=impl: mk.lowrank_linear(x, weight, basis, backend=impl)
+    return [Case("lowrank_linear", name, f"T={tokens},in={hidden},out={ffn}", autograd_make(fn, (x, weight), dy),
+                 forward=fn, saved_exclude=(weight, basis)) for name, fn in providers.items()]
+
+
+def lowrank_basis_cases(hidden: int, ffn: int, device: torch.device) -> list[Case]:
+    """lowrank_basis of the gate weight [h, d] at r = d/8: exact SVD vs randomized, with the
+    share of the SVD basis's captured energy ||W V||_F^2 the randomized one keeps."""
+    rank = hidden // 8
+    weight = torch.randn(ffn, hidden, device=device) / hidden**0.5  # freshly initialised: the hard case
+    config = f"out={ffn},in={hidden},r={rank}"
+
+    def energy(v):
+        return (weight.double() @ v.double()).norm().item() ** 2
+
+    optimum = energy(mk.lowrank_basis(weight, rank))
+    cases = []
+    for method in ("svd", "randomized"):
+        extra = {"captured_energy_vs_svd": ("ratio", energy(mk.lowrank_basis(weight, rank, method=method)) / optimum)}
+        cases.append(Case("lowrank_basis", method, config,
+                          lambda mode, method=method: lambda: mk.lowrank_basis(weight, rank, method=method),
+                          modes=("fwd",), extra=extra))
+    return cases
+
+
+OPS = {
+    "rmsnorm": lambda preset, tokens, dtype, device: rmsnorm_cases(tokens, preset.hidden_size, dtype, device),
+    "swiglu_ffn": lambda preset, tokens, dtype, device: swiglu_ffn_cases(
+        tokens, preset.hidden_size, preset.intermediate_size, dtype, device),
+    "swiglu": lambda preset, tokens, dtype, device: swiglu_cases(tokens, preset.intermediate_size, dtype, device),
+    "lowrank_linear": lambda preset, tokens, dtype, device: lowrank_linear_cases(
+        tokens, preset.hidden_size, preset.intermediate_size, dtype, device),
+    "lowrank_basis": lambda preset, tokens, dtype, device: lowrank_basis_cases(
+        preset.hidden_size, preset.intermediate_size, device),
+}
+# lowrank_basis does not depend on the token count: run it once per preset.
+TOKEN_FREE = {"lowrank_basis"}
+
+
+def run_case(case: Case, config: str, modes: list[str], device: torch.device, recorder: Recorder,
+             rep_ms: float) -> None:
+    def record(mode, metric, unit, median, p20=None, p80=None):
+        recorder.add(benchmark=f"kernels/{case.op}", provider=case.provider, mode=mode, config=config,
+                     metric=metric, unit=unit, median=median, p20=p20, p80=p80)
+
+    for mode in modes:
+        fn = case.make(mode)
+        t = time_fn(fn, device, rep_ms=rep_ms)
+        peak = peak_memory_bytes(fn, device)
+        gbps = case.bytes_moved(mode) / (t.median_ms * 1e-3) / 1e9 if case.bytes_moved else None
+        record(mode, "time", "ms", t.median_ms, t.p20_ms, t.p80_ms)
+        if gbps is not None:
+            record(mode, "bandwidth", "GB/s", gbps)
+        if peak is not None:
+            record(mode, "peak_memory", "MiB", peak / 2**20)
+        print(f"{case.op:<15}{case.provider:<30}{case.config:<26}{mode:<6}{t.median_ms:>11.3f}"
+              f"{t.p20_ms:>9.3f}{t.p80_ms:>9.3f}{(gbps or 0):>8.1f}{'' if peak is None else f'{peak / 2**20:.1f}':>10}")
+    memory = []
+    if case.forward is not None and case.saved_exclude is not None:
+        saved = saved_activation_bytes(case.forward, case.saved_exclude) / 2**20
+        record("fwd", "saved_activations", "MiB", saved)
+        memory.append(f"saved for backward {saved:.2f} MiB")
+    if case.forward is not None:
+        held = retained_memory_bytes(case.forward, device)
+        if held is not None:
+            record("fwd", "retained_after_forward", "MiB", held / 2**20)
+            memory.append(f"held after forward {held / 2**20:.2f} MiB")
+    for metric, (unit, value) in (case.extra or {}).items():
+        record("fwd", metric, unit, value)
+        memory.append(f"{metric} {value:.4f}")
+    if memory:
+        print(f"{'':<15}{case.provider:<30}{'':<26}" + "; ".join(memory))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", nargs="+", type=int, default=[4096, 16384] if cuda else [1024])
     parser.add_argument("--dtype", default="bfloat16" if cuda else "float32",
                         choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--modes", nargs="+", default=["fwd", "bwd", "full"], choices=["fwd", "bwd", "full"])
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--rep-ms", type=float, default=100, help="time spent measuring each call (more: steadier)")
     parser.add_argument("--csv", type=Path, default=None, help="append rows here (default bench/results/results.csv)")
     parser.add_argument("--no-save", action="store_true", help="print only")
     args = parser.parse_args(argv)
@@ -92,30 +286,15 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype)
     recorder = Recorder(device, **({"path": args.csv} if args.csv else {}))
     print(f"# kernels on {recorder.env['device']}, {args.dtype}")
-    print(f"{'op':<10}{'provider':<16}{'config':<20}{'mode':<6}{'median ms':>11}{'p20':>9}{'p80':>9}{'GB/s':>8}"
+    print(f"{'op':<15}{'provider':<30}{'config':<26}{'mode':<6}{'median ms':>11}{'p20':>9}{'p80':>9}{'GB/s':>8}"
           f"{'peak MiB':>10}")
     for op in args.ops:
         for preset_name in args.presets:
             preset = get_preset(preset_name)
-            for tokens in args.tokens:
+            for tokens in args.tokens[:1] if op in TOKEN_FREE else args.tokens:
                 for case in OPS[op](preset, tokens, dtype, device):
-                    config = f"{preset_name}:{case.config}"
-                    for mode in args.modes:
-                        fn = case.make(mode)
-                        t = time_fn(fn, device)
-                        peak = peak_memory_bytes(fn, device)
-                        gbps = case.bytes_moved(mode) / (t.median_ms * 1e-3) / 1e9 if case.bytes_moved else None
-                        recorder.add(benchmark=f"kernels/{op}", provider=case.provider, mode=mode, config=config,
-                                     metric="time", unit="ms", median=t.median_ms, p20=t.p20_ms, p80=t.p80_ms)
-                        if gbps is not None:
-                            recorder.add(benchmark=f"kernels/{op}", provider=case.provider, mode=mode,
-                                         config=config, metric="bandwidth", unit="GB/s", median=gbps)
-                        if peak is not None:
-                            recorder.add(benchmark=f"kernels/{op}", provider=case.provider, mode=mode,
-                                         config=config, metric="peak_memory", unit="MiB", median=peak / 2**20)
-                        print(f"{op:<10}{case.provider:<16}{case.config:<20}{mode:<6}{t.median_ms:>11.3f}"
-                              f"{t.p20_ms:>9.3f}{t.p80_ms:>9.3f}{(gbps or 0):>8.1f}"
-                              f"{'' if peak is None else f'{peak / 2**20:.1f}':>10}")
+                    run_case(case, f"{preset_name}:{case.config}", [m for m in args.modes if m in case.modes],
+                             device, recorder, args.rep_ms)
     if not args.no_save:
         print(f"appended {len(recorder.rows)} rows to {recorder.save()}")
     return 0

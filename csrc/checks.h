@@ -41,4 +41,14 @@ inline void check_rstd(const char* op, const at::Tensor& rstd, const at::Tensor&
               x.scalar_type(), ", got ", rstd.scalar_type());
 }
 
+// SwiGLU's elementwise operands: same shape, dtype and device as the gate pre-activation a.
+inline void check_swiglu_operand(const char* op, const char* name, const at::Tensor& t, const at::Tensor& a) {
+  check_floating(op, name, t);
+  TORCH_CHECK(t.sizes() == a.sizes(), op, ": ", name, " shape ", t.sizes(), " does not match a shape ",
+              a.sizes());
+  TORCH_CHECK(t.scalar_type() == a.scalar_type(), op, ": ", name, " dtype ", t.scalar_type(),
+              " does not match a dtype ", a.scalar_type());
+  TORCH_CHECK(t.device() == a.device(), op, ": ", name, " is on ", t.device(), " but a is on ", a.device());
+}
+
 }  // namespace mecefo

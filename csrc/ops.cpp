@@ -17,6 +17,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/sigmoid.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -24,6 +25,8 @@
 #include <tuple>
 
 #include "checks.h"
+#include "lowrank.h"
+#include "swiglu_math.h"
 
 namespace mecefo {
 namespace {
@@ -122,15 +125,91 @@ std::tuple<at::Tensor, at::Tensor> rmsnorm_bwd_cpu(const at::Tensor& dy, const a
   return {dx, dw};
 }
 
+// ---------------------------------------------------------------- SwiGLU
+// p = silu(a) * u and its backward, elementwise over any shape (math in swiglu_math.h).
+
+constexpr int64_t kElementwiseGrain = 32768;
+
+// sigmoid(a) in the accumulation type, from ATen's vectorised kernel (see swiglu_math.h).
+at::Tensor sigmoid_acc(const at::Tensor& a) {
+  return at::sigmoid(a.to(a.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
+}
+
+at::Tensor swiglu_fwd_cpu(const at::Tensor& a, const at::Tensor& u) {
+  check_floating("swiglu_fwd", "a", a);
+  check_swiglu_operand("swiglu_fwd", "u", u, a);
+  const auto ac = a.contiguous();
+  const auto uc = u.contiguous();
+  const auto sig = sigmoid_acc(ac);
+  auto p = at::empty_like(ac);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, ac.scalar_type(), "swiglu_fwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* ap = ac.const_data_ptr<scalar_t>();
+    const scalar_t* up = uc.const_data_ptr<scalar_t>();
+    const acc_t* sp = sig.const_data_ptr<acc_t>();
+    scalar_t* pp = p.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, ac.numel(), kElementwiseGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        pp[i] = static_cast<scalar_t>(swiglu(static_cast<acc_t>(ap[i]), sp[i], static_cast<acc_t>(up[i])));
+      }
+    });
+  });
+  return p;
+}
+
+// -> (da, du, p); p is recomputed here because the down projection's weight gradient needs
+// it and a, u are already loaded.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> swiglu_bwd_cpu(const at::Tensor& dp, const at::Tensor& a,
+                                                              const at::Tensor& u) {
+  check_floating("swiglu_bwd", "a", a);
+  check_swiglu_operand("swiglu_bwd", "u", u, a);
+  check_swiglu_operand("swiglu_bwd", "dp", dp, a);
+  const auto ac = a.contiguous();
+  const auto uc = u.contiguous();
+  const auto gc = dp.contiguous();
+  const auto sig = sigmoid_acc(ac);
+  auto da = at::empty_like(ac);
+  auto du = at::empty_like(ac);
+  auto p = at::empty_like(ac);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, ac.scalar_type(), "swiglu_bwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* ap = ac.const_data_ptr<scalar_t>();
+    const scalar_t* up = uc.const_data_ptr<scalar_t>();
+    const scalar_t* gp = gc.const_data_ptr<scalar_t>();
+    const acc_t* sp = sig.const_data_ptr<acc_t>();
+    scalar_t* dap = da.mutable_data_ptr<scalar_t>();
+    scalar_t* dup = du.mutable_data_ptr<scalar_t>();
+    scalar_t* pp = p.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, ac.numel(), kElementwiseGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const auto r = swiglu_grads(static_cast<acc_t>(gp[i]), static_cast<acc_t>(ap[i]), sp[i],
+                                    static_cast<acc_t>(up[i]));
+        dap[i] = static_cast<scalar_t>(r.da);
+        dup[i] = static_cast<scalar_t>(r.du);
+        pp[i] = static_cast<scalar_t>(r.p);
+      }
+    });
+  });
+  return {da, du, p};
+}
+
 }  // namespace
 }  // namespace mecefo
 
 TORCH_LIBRARY(mecefo, m) {
   m.def("rmsnorm_fwd(Tensor x, Tensor weight, float eps) -> (Tensor y, Tensor rstd)");
   m.def("rmsnorm_bwd(Tensor dy, Tensor x, Tensor weight, Tensor rstd) -> (Tensor dx, Tensor dweight)");
+  m.def("swiglu_fwd(Tensor a, Tensor u) -> Tensor p");
+  m.def("swiglu_bwd(Tensor dp, Tensor a, Tensor u) -> (Tensor da, Tensor du, Tensor p)");
+  m.def("lowrank_project(Tensor x, Tensor basis) -> Tensor xv");
+  m.def("lowrank_weight_grad(Tensor dy, Tensor xv, Tensor basis, ScalarType out_dtype) -> Tensor dweight");
 }
 
 TORCH_LIBRARY_IMPL(mecefo, CPU, m) {
   m.impl("rmsnorm_fwd", &mecefo::rmsnorm_fwd_cpu);
   m.impl("rmsnorm_bwd", &mecefo::rmsnorm_bwd_cpu);
+  m.impl("swiglu_fwd", &mecefo::swiglu_fwd_cpu);
+  m.impl("swiglu_bwd", &mecefo::swiglu_bwd_cpu);
+  m.impl("lowrank_project", &mecefo::lowrank_project_aten);
+  m.impl("lowrank_weight_grad", &mecefo::lowrank_weight_grad_aten);
 }

@@ -8,7 +8,10 @@ It is computed as a chain of skinny products, never forming dy^T x:
     g  = dy^T xv      [out, r]
     dW = g V^T        [out, in]  (lowrank_weight_grad)
 
-with float32 accumulation (float64 for float64 inputs).
+Every product takes its operands in the activation dtype (V rounded to it, as a bf16
+nn.Linear would hold it), accumulates in float32 (float64 for float64) and rounds its
+result once: the precision of an ordinary bf16 weight gradient, and the math every
+backend implements (csrc/lowrank.h, mecefo_kernels/triton/lowrank.py).
 """
 
 from __future__ import annotations
@@ -18,17 +21,22 @@ import torch
 from .rmsnorm import accumulation_dtype
 
 
+def _mm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """a @ b (same dtype) accumulated in the accumulation dtype, rounded to out_dtype."""
+    acc = accumulation_dtype(a.dtype)
+    return (a.to(acc) @ b.to(acc)).to(out_dtype)
+
+
 def lowrank_project(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """x [T, in], basis [in, r] -> x V [T, r] in the accumulation dtype."""
-    acc = accumulation_dtype(x.dtype)
-    return x.to(acc) @ basis.to(acc)
+    """x [T, in], basis [in, r] -> x V [T, r] in x's dtype."""
+    return _mm(x, basis.to(x.dtype), x.dtype)
 
 
 def lowrank_weight_grad(dy: torch.Tensor, xv: torch.Tensor, basis: torch.Tensor,
                         out_dtype: torch.dtype) -> torch.Tensor:
-    """dy [T, out], xv = x V [T, r], basis [in, r] -> (dy^T xv) V^T [out, in] in out_dtype."""
-    acc = xv.dtype
-    return ((dy.to(acc).t() @ xv) @ basis.to(acc).t()).to(out_dtype)
+    """dy [T, out], xv = x V [T, r] (dy's dtype), basis [in, r] -> (dy^T xv) V^T [out, in] in out_dtype."""
+    g = _mm(dy.t(), xv, dy.dtype)
+    return _mm(g, basis.to(dy.dtype).t(), out_dtype)
 
 
 def exact_weight_grad(dy: torch.Tensor, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -45,7 +53,7 @@ def svd_basis(weight: torch.Tensor, rank: int, compute_dtype: torch.dtype) -> to
 
 
 def randomized_basis(weight: torch.Tensor, rank: int, compute_dtype: torch.dtype, *, oversample: int = 8,
-                     power_iters: int = 2, generator: torch.Generator | None = None) -> torch.Tensor:
+                     power_iters: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
     """Randomized SVD (Halko, Martinsson, Tropp 2011, Alg. 4.4 + 5.1) for the top right singular
     vectors: a range finder on W^T with `power_iters` re-orthonormalised power iterations, then an
     exact SVD of the small projected matrix. Uses its own generator so it never consumes the

@@ -4,4 +4,4 @@ registers them as ``torch.ops.mecefo_triton.*`` custom ops (with fake implementa
 Set ``TRITON_INTERPRET=1`` before this import to run them on CPU tensors (the tests do).
 """
 
-from . import rmsnorm  # noqa: F401
+from . import lowrank, rmsnorm, swiglu  # noqa: F401

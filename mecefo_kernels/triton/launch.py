@@ -6,6 +6,9 @@ import functools
 
 import torch
 import triton
+import triton.language as tl
+
+from ..backend import triton_interpreting
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -37,3 +40,53 @@ def check_dtype(op: str, t: torch.Tensor) -> None:
     if t.dtype not in TRITON_DTYPES:
         raise TypeError(f"{op}: the triton backend supports float16, bfloat16 and float32, got {t.dtype} "
                         "(use backend='torch' or 'cpu'/'cuda' for float64)")
+
+
+def autotune_configs(gpu: list[triton.Config], interpreter: triton.Config) -> list[triton.Config]:
+    """The configs to autotune over: the GPU list natively, the single `interpreter` config under
+    TRITON_INTERPRET=1 (the interpreter cannot time configs, and big blocks mean few programs)."""
+    return [interpreter] if triton_interpreting() else gpu
+
+
+def elementwise_block() -> int:
+    """Elements per program of the flat elementwise kernels: 1024 (8 per thread at 4 warps, so
+    16-byte accesses for bf16) on a GPU, large on the interpreter where programs are slow."""
+    return 16384 if triton_interpreting() else 1024
+
+
+def dot_mode(dtype: torch.dtype) -> str:
+    """How `mma` multiplies tiles of `dtype`: exact fp32 products for fp32 operands ("ieee", what
+    torch matmul does by default), tensor-core products for bf16/fp16 (accumulated in fp32), and
+    "upcast" for bf16 under the interpreter, whose tl.dot multiplies bf16 tiles as raw uint16
+    bits (bf16 -> fp32 is exact, so the products are the same)."""
+    if dtype == torch.bfloat16 and triton_interpreting():
+        return "upcast"
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def mma(a, b, acc, DOT_MODE: tl.constexpr):
+    """acc + a @ b in fp32 (see dot_mode)."""
+    if DOT_MODE == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=DOT_MODE)
+
+
+@triton.jit
+def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program over an [M, N] output, GROUP_M row tiles at a time so
+    that programs running together share their A rows and B columns in L2."""
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = min(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+    return pid_m, pid_n
+
+
+def tile_grid(M: int, N: int):
+    """Launch grid for kernels that use grouped_tile."""
+    return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)

@@ -1,0 +1,326 @@
+"""What a MeCeFO neighbour costs: one decoder block, a model micro-batch and a training step.
+
+    python bench/step.py                  # GPU: llama-350m, llama-1b, a llama-7b slice; seq 2048, 4096; bf16
+                                          # CPU: tiny and small, seq 256, fp32 (ratios only)
+    python bench/step.py --presets llama-1b --seq 2048 --scopes block model
+
+Scenarios, each on a LlamaForCausalLM patched with mecefo_kernels.apply_mecefo:
+
+  normal             one normal micro-batch (a replica with no failure around it)
+  neighbor           one neighbour-mode micro-batch (attention backward skipped, FFN recomputed,
+                     low-rank FFN weight gradients)
+  mecefo-both        a MeCeFO neighbour doing its own shard and the failed rank's: two neighbour micro-batches
+  exact-both         exact Neighbor-Do-Both: two normal micro-batches, one after the other
+  exact-both-concat  exact Neighbor-Do-Both as one micro-batch of both shards (twice the activations)
+
+Scopes: ``block`` (one decoder layer, forward + backward), ``model`` (embedding to loss, forward +
+backward), ``step`` (model scope + AdamW step). Per scenario: time (median, p20, p80), peak memory
+(CUDA), the activation memory saved for backward by one micro-batch (saved_tensors_hooks; works on
+CPU too), and the analytic FLOP floor (MECEFO.md, "What a neighbour step costs"), each also as a
+ratio to ``normal`` so the gap between measured and floor ratios is visible. Rows are appended to
+bench/results/results.csv. On CPU only the ratios mean anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from records import Recorder  # noqa: E402
+from timing import Timing, peak_memory_bytes, saved_tensor_bytes, time_fn  # noqa: E402
+
+import mecefo_kernels as mk  # noqa: E402
+from mecefo.presets import ModelPreset, get_preset  # noqa: E402
+
+
+
+@dataclass(frozen=True)
+class Scenario:
+    neighbor: bool  # micro-batches run in neighbour mode
+    micro_batches: int  # run one after the other, gradients accumulated
+    shards_per_micro_batch: int  # shards concatenated into one micro-batch
+
+
+SCENARIOS = {
+    "normal": Scenario(False, 1, 1),
+    "neighbor": Scenario(True, 1, 1),
+    "mecefo-both": Scenario(True, 2, 1),
+    "exact-both": Scenario(False, 2, 1),
+    "exact-both-concat": Scenario(False, 1, 2),
+}
+SCOPES = ("block", "model", "step")
+
+
+# --------------------------------------------------------------------------- the FLOP floor
+
+
+@dataclass(frozen=True)
+class Shape:
+    batch: int  # sequences per micro-batch (per shard)
+    seq: int
+    d: int
+    h: int
+    kv: int  # key/value width (heads * head_dim)
+    layers: int
+    vocab: int
+    ranks: tuple[int, int, int]  # low-rank bases of gate, up, down
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+
+def layer_forward_flops(s: Shape, batch: int) -> float:
+    """Matmul FLOPs of one decoder layer's forward: projections, causal attention (half of S^2), SwiGLU."""
+    t = batch * s.seq
+    projections = 2 * t * s.d * (2 * s.d + 2 * s.kv)
+    attention = 2 * batch * s.seq ** 2 * s.d  # QK^T and PV, each 2*B*S^2*d, halved by the causal mask
+    return projections + attention + 6 * t * s.d * s.h
+
+
+def layer_flops(s: Shape, neighbor: bool, batch: int) -> float:
+    """Forward + backward of one layer. Normal: 3F. Neighbour: F, plus the FFN recompute (gate, up),
+    the exact FFN input gradients, and MeCeFO's low-rank weight gradients; no attention backward."""
+    f = layer_forward_flops(s, batch)
+    if not neighbor:
+        return 3 * f
+    t = batch * s.seq
+    recompute = 4 * t * s.d * s.h
+    input_grads = 6 * t * s.d * s.h
+    lowrank = sum(2 * t * r * i + 2 * t * r * o + 2 * r * o * i
+                  for (o, i), r in zip(((s.h, s.d), (s.h, s.d), (s.d, s.h)), s.ranks))
+    return f + recompute + input_grads + lowrank
+
+
+def micro_batch_flops(s: Shape, scope: str, neighbor: bool, batch: int) -> float:
+    flops = layer_flops(s, neighbor, batch)
+    if scope == "block":
+        return flops
+    head = 6 * batch * s.seq * s.d * s.vocab  # LM head forward, input and weight gradients: exact in both modes
+    return s.layers * flops + head
+
+
+def floor_flops(s: Shape, scope: str, scenario: str) -> float:
+    """The analytic FLOP floor of one scenario (the optimizer step adds no matmul FLOPs)."""
+    sc = SCENARIOS[scenario]
+    return sc.micro_batches * micro_batch_flops(s, scope, sc.neighbor, s.batch * sc.shards_per_micro_batch)
+
+
+# --------------------------------------------------------------------------- workloads
+
+
+@dataclass
+class Workload:
+    """One scope's model (or block) and its two shards; ``scenario(name)`` is the closure to time."""
+
+    forward: Callable[[torch.Tensor], torch.Tensor]  # -> a scalar to backpropagate
+    module: torch.nn.Module  # holds the mode flag (patched)
+    inputs: tuple[torch.Tensor, torch.Tensor]  # the two shards
+    optimizer: torch.optim.Optimizer | None = None
+
+    def micro_batch(self, inputs: torch.Tensor, neighbor: bool) -> None:
+        with mk.neighbor_mode(self.module, enabled=neighbor):
+            loss = self.forward(inputs)
+        loss.backward()
+
+    def micro_batch_inputs(self, sc: Scenario) -> list[torch.Tensor]:
+        if sc.shards_per_micro_batch == 2:
+            return [torch.cat(self.inputs)]
+        return list(self.inputs[:sc.micro_batches])
+
+    def scenario(self, name: str) -> Callable[[], None]:
+        sc = SCENARIOS[name]
+        inputs = self.micro_batch_inputs(sc)
+
+        def run():
+            for x in inputs:
+                self.micro_batch(x, sc.neighbor)
+            if self.optimizer is not None:
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        return run
+
+    def saved_bytes(self, name: str) -> int:
+        """Activations held at the end of one micro-batch's forward (micro-batches of a scenario run one
+        after the other, each freeing its activations in its backward, so one is the peak)."""
+        sc = SCENARIOS[name]
+        first = self.micro_batch_inputs(sc)[0]
+        own = (*self.module.parameters(), *self.module.buffers())
+        with mk.neighbor_mode(self.module, enabled=sc.neighbor):
+            return saved_tensor_bytes(lambda: self.forward(first), exclude=own)
+
+
+def build_model(preset: ModelPreset, layers: int, rank, dtype, device):
+    from transformers import LlamaForCausalLM
+
+    config = preset.to_llama_config(num_hidden_layers=layers, attn_implementation="sdpa")
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
+    return mk.apply_mecefo(model, rank=rank), config
+
+
+def model_workload(preset, layers, batch, seq, rank, dtype, device, with_optimizer: bool) -> tuple[Workload, Shape]:
+    model, config = build_model(preset, layers, rank, dtype, device)
+    gen = torch.Generator().manual_seed(0)
+    shards = tuple(torch.randint(0, config.vocab_size, (batch, seq), generator=gen).to(device) for _ in range(2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5) if with_optimizer else None
+    work = Workload(lambda ids: model(input_ids=ids, labels=ids).loss, model, shards, optimizer)
+    return work, shape_of(model, batch, seq)
+
+
+def block_workload(preset, batch, seq, rank, dtype, device) -> tuple[Workload, Shape]:
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    model, config = build_model(preset, 1, rank, dtype, device)
+    layer = model.model.layers[0]
+    with torch.device(device):
+        rotary = LlamaRotaryEmbedding(config)
+    positions = rotary(torch.empty(1, dtype=dtype, device=device), torch.arange(seq, device=device)[None])
+    gen = torch.Generator().manual_seed(0)
+    shards = tuple(torch.randn(batch, seq, config.hidden_size, generator=gen).to(device=device, dtype=dtype)
+                   .requires_grad_() for _ in range(2))
+    shape = shape_of(model, batch, seq)
+
+    def forward(x):
+        return layer(x, position_embeddings=positions).float().square().mean()  # a scalar reaching every output
+    return Workload(forward, layer, shards), shape
+
+
+def shape_of(model, batch: int, seq: int) -> Shape:
+    config = model.config
+    layer = model.model.layers[0]
+    ranks = tuple(b.shape[1] for b in (layer.mecefo_basis_gate, layer.mecefo_basis_up, layer.mecefo_basis_down))
+    head_dim = config.hidden_size // config.num_attention_heads
+    return Shape(batch, seq, config.hidden_size, config.intermediate_size, config.num_key_value_heads * head_dim,
+                 config.num_hidden_layers, config.vocab_size, ranks)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def rank_arg(text: str) -> int | float:
+    """"128" -> 128 (an int rank); "1/32" or "0.03125" -> a fraction of in_features."""
+    if "/" in text:
+        num, den = text.split("/")
+        return float(num) / float(den)
+    return float(text) if "." in text else int(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cuda = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", nargs="+", default=["llama-350m", "llama-1b", "llama-7b"] if cuda
+                        else ["tiny", "small"])
+    parser.add_argument("--layers", type=int, nargs="+", default=None,
+                        help="decoder layers per preset (default: all; llama-7b: a 4-layer slice)")
+    parser.add_argument("--seq", type=int, nargs="+", default=[2048, 4096] if cuda else [256])
+    parser.add_argument("--batch", type=int, default=1, help="sequences per shard (micro-batch)")
+    parser.add_argument("--rank", type=rank_arg, default=None,
+                        help="low-rank gradient rank: int or fraction such as 1/32 (default: apply_mecefo's)")
+    parser.add_argument("--scopes", nargs="+", default=list(SCOPES), choices=SCOPES)
+    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
+    parser.add_argument("--dtype", default="bfloat16" if cuda else "float32",
+                        choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--rep-ms", type=float, default=None, help="timing budget per scenario")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="interleaved timing rounds over the scenarios (default: 1 on GPU, 9 on CPU)")
+    parser.add_argument("--csv", type=Path, default=None, help="append rows here (default bench/results/results.csv)")
+    parser.add_argument("--no-save", action="store_true", help="print only")
+    args = parser.parse_args(argv)
+    if args.layers is not None and len(args.layers) != len(args.presets):
+        parser.error("--layers takes one value per preset")
+
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = getattr(torch, args.dtype)
+    rank = args.rank if args.rank is not None else mk.nn.decoder.DEFAULT_RANK
+    rep_ms = args.rep_ms or (200 if cuda else 1000)
+    rounds = args.rounds or (1 if cuda else 9)
+    recorder = Recorder(device, **({"path": args.csv} if args.csv else {}))
+    print(f"# step costs on {recorder.env['device']}, {args.dtype}, rank {rank}")
+    print(f"{'config':<34}{'scope':<7}{'scenario':<19}{'ms':>10}{'x normal':>9}{'floor x':>8}"
+          f"{'saved MiB':>11}{'x normal':>9}{'peak MiB':>10}")
+    for index, preset_name in enumerate(args.presets):
+        preset = get_preset(preset_name)
+        layers = (args.layers[index] if args.layers else
+                  4 if preset_name == "llama-7b" else preset.num_layers)
+        for seq in args.seq:
+            for scope in args.scopes:
+                if scope == "block":
+                    work, shape = block_workload(preset, args.batch, seq, rank, dtype, device)
+                else:
+                    work, shape = model_workload(preset, layers, args.batch, seq, rank, dtype, device,
+                                                 with_optimizer=scope == "step")
+                config = (f"{preset_name}:L={1 if scope == 'block' else layers},B={args.batch},S={seq},"
+                          f"r={'/'.join(map(str, shape.ranks))}")
+                measure(recorder, work, shape, scope, config, args.scenarios, device, rep_ms, rounds)
+                del work
+                if cuda:
+                    torch.cuda.empty_cache()
+    if not args.no_save:
+        print(f"appended {len(recorder.rows)} rows to {recorder.save()}")
+    return 0
+
+
+def interleaved_times(fns: dict[str, Callable[[], None]], device, rep_ms: float, rounds: int,
+                      grads_to_none: list[torch.Tensor]) -> dict[str, Timing]:
+    """time_fn over the scenarios in round-robin, `rounds` times: on a shared CPU, load that comes and
+    goes then hits every scenario alike. Median and p20/p80 are over the rounds' medians."""
+    medians: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            for t in grads_to_none:
+                t.grad = None
+            medians[name].append(time_fn(fn, device, rep_ms=rep_ms / rounds, grad_to_none=grads_to_none).median_ms)
+    out = {}
+    for name, values in medians.items():
+        values.sort()
+        out[name] = Timing(statistics.median(values), values[int(0.2 * (len(values) - 1))],
+                           values[round(0.8 * (len(values) - 1))])
+    return out
+
+
+def measure(recorder, work: Workload, shape: Shape, scope: str, config: str, scenarios, device, rep_ms,
+            rounds) -> None:
+    grads_to_none = list(work.module.parameters()) + [x for x in work.inputs if x.requires_grad]
+    fns = {name: work.scenario(name) for name in scenarios}
+    timings = interleaved_times(fns, device, rep_ms, rounds, grads_to_none)
+    results = {}
+    for name, fn in fns.items():
+        for t in grads_to_none:
+            t.grad = None
+        peak = peak_memory_bytes(fn, device)
+        results[name] = (timings[name], peak, work.saved_bytes(name), floor_flops(shape, scope, name))
+    base = results.get("normal")
+    for name, (timing, peak, saved, floor) in results.items():
+        def add(metric, unit, value, **quantiles):
+            recorder.add(benchmark=f"step/{scope}", provider="mecefo", mode=name, config=config, metric=metric,
+                         unit=unit, median=value, **quantiles)
+
+        add("time", "ms", timing.median_ms, p20=timing.p20_ms, p80=timing.p80_ms)
+        add("saved_activations", "MiB", saved / 2**20)
+        add("flop_floor", "GFLOP", floor / 1e9)
+        if peak is not None:
+            add("peak_memory", "MiB", peak / 2**20)
+        ratios = (None, None, None)
+        if base is not None:
+            ratios = (timing.median_ms / base[0].median_ms, floor / base[3], saved / base[2])
+            add("time_ratio", "x normal", ratios[0])
+            add("flop_floor_ratio", "x normal", ratios[1])
+            add("saved_activations_ratio", "x normal", ratios[2])
+            if peak is not None and base[1]:
+                add("peak_memory_ratio", "x normal", peak / base[1])
+        time_x, floor_x, saved_x = ("" if r is None else f"{r:.3f}" for r in ratios)
+        print(f"{config:<34}{scope:<7}{name:<19}{timing.median_ms:>10.2f}{time_x:>9}{floor_x:>8}"
+              f"{saved / 2**20:>11.2f}{saved_x:>9}{'' if peak is None else f'{peak / 2**20:.0f}':>10}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

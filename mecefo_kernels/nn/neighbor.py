@@ -1,0 +1,116 @@
+"""Neighbour mode: the switch every MeCeFO module shares, and the whole-model helpers.
+
+A *neighbour-capable* module (:class:`NeighborCapable`) has two forward paths: the normal one
+(exactly the original computation) and the neighbour one (MeCeFO's cheap approximations).
+The path is chosen per forward by the module's ``mecefo_neighbor`` flag, which
+:func:`neighbor_mode` sets on every such module of a model for the duration of a ``with``
+block. Each forward records its own backward, so a micro-batch's backward follows the mode
+of its forward, wherever the backward runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from torch import nn
+
+
+class NeighborCapable:
+    """Mixin for modules with a normal and a neighbour forward path.
+
+    Subclasses implement :meth:`skipped_parameter_names` and :meth:`refresh_bases` and set
+    ``refresh_every`` (steps between basis refreshes).
+    """
+
+    mecefo_neighbor: bool = False  # class default; neighbor_mode sets it per instance
+    refresh_every: int
+
+    def skipped_parameter_names(self) -> list[str]:
+        """Names (relative to this module) of the parameters that get no gradient in neighbour mode."""
+        raise NotImplementedError
+
+    def refresh_bases(self) -> None:
+        """Recompute the low-rank bases from the current weights."""
+        raise NotImplementedError
+
+
+def neighbor_modules(model: nn.Module) -> list[tuple[str, NeighborCapable]]:
+    """(qualified name, module) of every neighbour-capable module in model, model included."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, NeighborCapable)]
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no MeCeFO neighbour-capable modules; "
+                         "patch it first with mecefo_kernels.apply_mecefo(model)")
+    return found
+
+
+@contextlib.contextmanager
+def neighbor_mode(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
+    """Run the forwards inside the block in neighbour mode (or normal mode if ``enabled`` is False).
+
+    In neighbour mode every patched decoder layer drops its attention backward (the branch
+    runs forward-only, the gradient goes through the residual) and runs its FFN with
+    recomputation and low-rank weight gradients. Outside the block the model is the
+    original model, bit for bit. Blocks nest; the previous modes are restored on exit.
+
+    Activation checkpointing (transformers' ``activation_checkpointing_enable``) is suspended
+    for patched layers inside the block: a neighbour layer already keeps only its FFN input,
+    and a checkpointed neighbour forward would be replayed in backward under whatever mode
+    is active then. (For the same reason, with checkpointing on, run a normal micro-batch's
+    backward before entering neighbour mode.)
+
+    Usage::
+
+        with mecefo_kernels.neighbor_mode(model, enabled=is_neighbour):
+            loss = model(input_ids=x, labels=y).loss
+        loss.backward()
+    """
+    modules = [m for _, m in neighbor_modules(model)]
+    saved = [(m.mecefo_neighbor, getattr(m, "gradient_checkpointing", None)) for m in modules]
+    try:
+        for m in modules:
+            m.mecefo_neighbor = bool(enabled)
+            if enabled and getattr(m, "gradient_checkpointing", False):
+                m.gradient_checkpointing = False
+        yield model
+    finally:
+        for m, (neighbor, checkpointing) in zip(modules, saved):
+            m.mecefo_neighbor = neighbor
+            if checkpointing is not None:
+                m.gradient_checkpointing = checkpointing
+
+
+def refresh_bases(model: nn.Module, *, step: int | None = None) -> bool:
+    """Recompute the low-rank FFN bases of every patched layer from the current weights.
+
+    Args:
+        model: a model patched by :func:`mecefo_kernels.apply_mecefo`.
+        step: if given, refresh only when ``step % refresh_every == 0`` (the period chosen at
+            patch time), so a trainer can call this every step. None: refresh now.
+
+    Returns:
+        Whether the bases were recomputed.
+    """
+    modules = [m for _, m in neighbor_modules(model)]
+    if step is not None:
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be a non-negative int or None, got {step!r}")
+        modules = [m for m in modules if step % m.refresh_every == 0]
+    for m in modules:
+        m.refresh_bases()
+    return bool(modules)
+
+
+def neighbor_skipped_parameters(model: nn.Module) -> list[str]:
+    """Names (as in ``model.named_parameters()``) of the parameters that get no gradient in neighbour mode.
+
+    For patched LLaMA-family layers: every parameter of ``self_attn`` (Wq, Wk, Wv, Wo and any
+    biases or q/k norms) and of ``input_layernorm``. MeCeFO averages these over the live
+    non-neighbour ranks only; every other parameter is averaged over all shards.
+    """
+    names = []
+    for prefix, m in neighbor_modules(model):
+        names += [f"{prefix}.{n}" if prefix else n for n in m.skipped_parameter_names()]
+    return names

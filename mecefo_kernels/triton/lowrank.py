@@ -1,0 +1,108 @@
+"""MeCeFO's low-rank weight gradient as a chain of skinny Triton GEMMs.
+
+Registered ops (``torch.ops.mecefo_triton.*``), same contracts as the reference
+(mecefo_kernels/reference/lowrank.py):
+
+* ``lowrank_project(x [T, in], basis [in, r]) -> x V [T, r]`` in x's dtype;
+* ``lowrank_weight_grad(dy [T, out], xv [T, r], basis [in, r], out_dtype) -> dW [out, in]``
+  as g = dy^T xv [out, r], then dW = g V^T: dy^T x [out, in] is never formed, so the cost is
+  2 T r (in + out) + 2 r out in FLOPs instead of 2 T out in.
+
+One GEMM kernel serves all three products through strides (dy^T is a transposed view).
+The B operand (xv, or the float32 basis) is rounded to A's dtype in registers, products
+accumulate in fp32 and the result is rounded once on store: the math of the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import autotune_configs, check_dtype, dot_mode, grouped_tile, mma, tile_grid
+
+
+def _tile(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=warps,
+                         num_stages=stages)
+
+
+# Skinny shapes: one side is the rank (tens to hundreds), the reduction is either the
+# features (projection) or the tokens (dy^T xv, long K), or the rank (g V^T, short K).
+_CONFIGS = autotune_configs([
+    _tile(128, 128, 64, 8, 3), _tile(128, 64, 64, 4, 4), _tile(64, 128, 64, 4, 4), _tile(64, 64, 64, 4, 4),
+    _tile(128, 32, 64, 4, 4), _tile(64, 32, 128, 4, 4), _tile(32, 64, 128, 4, 4),
+], triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4))
+
+
+@triton.autotune(configs=_CONFIGS, key=["M", "N", "K"])
+@triton.jit
+def _matmul_kernel(A, B, C, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+                   DOT_MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """C [M, N] = A [M, K] @ B [K, N], any strides; B rounded to A's dtype; fp32 accumulation."""
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
+    a_ptrs = A + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = B + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+    m_mask = offs_m[:, None] < M
+    n_mask = offs_n[None, :] < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=m_mask & (offs_k[None, :] < k_left), other=0.0)
+        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & n_mask, other=0.0).to(A.dtype.element_ty)
+        acc = mma(a, b, acc, DOT_MODE)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    tl.store(C + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn, acc.to(C.dtype.element_ty),
+             mask=m_mask & n_mask)
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    (m, k), n = a.shape, b.shape[1]
+    c = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    if m and n:
+        _matmul_kernel[tile_grid(m, n)](a, b, c, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                                        c.stride(0), c.stride(1), DOT_MODE=dot_mode(a.dtype))
+    return c
+
+
+def _check_basis(op: str, basis: torch.Tensor, in_features: int, ref_name: str, ref: torch.Tensor) -> None:
+    if basis.dim() != 2 or basis.shape[0] != in_features:
+        raise ValueError(f"{op}: basis must have shape [{in_features}, rank], got {tuple(basis.shape)}")
+    if basis.device != ref.device:
+        raise ValueError(f"{op}: basis is on {basis.device} but {ref_name} is on {ref.device}")
+
+
+@torch.library.custom_op("mecefo_triton::lowrank_project", mutates_args=())
+def lowrank_project(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    check_dtype("lowrank_project", x)
+    if x.dim() != 2:
+        raise ValueError(f"lowrank_project: x must be 2-D [tokens, in_features], got shape {tuple(x.shape)}")
+    _check_basis("lowrank_project", basis, x.shape[1], "x", x)
+    return _matmul(x, basis, x.dtype)
+
+
+@lowrank_project.register_fake
+def _(x, basis):
+    return x.new_empty((x.shape[0], basis.shape[1]))
+
+
+@torch.library.custom_op("mecefo_triton::lowrank_weight_grad", mutates_args=())
+def lowrank_weight_grad(dy: torch.Tensor, xv: torch.Tensor, basis: torch.Tensor,
+                        out_dtype: torch.dtype) -> torch.Tensor:
+    check_dtype("lowrank_weight_grad", dy)
+    if dy.dim() != 2 or basis.dim() != 2 or xv.shape != (dy.shape[0], basis.shape[1]) or xv.dtype != dy.dtype:
+        raise ValueError(f"lowrank_weight_grad: expected dy [T, out], basis [in, r] and xv [T, r] in dy's dtype; "
+                         f"got dy {tuple(dy.shape)}, xv {tuple(xv.shape)} {xv.dtype}, basis {tuple(basis.shape)}")
+    _check_basis("lowrank_weight_grad", basis, basis.shape[0], "dy", dy)
+    g = _matmul(dy.t(), xv, dy.dtype)  # [out, r]
+    return _matmul(g, basis.t(), out_dtype)  # [out, in]
+
+
+@lowrank_weight_grad.register_fake
+def _(dy, xv, basis, out_dtype):
+    return dy.new_empty((dy.shape[1], basis.shape[0]), dtype=out_dtype)
