@@ -12,20 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 
-import mecefo_kernels
 from mecefo.report import committed_steps, read_metrics, step_series
 from trainer_runs import (check_replicas_agree, final_model, full_batch_reference, make_config,
                           relative_difference, run)
 
 pytestmark = pytest.mark.slow
 HERE = Path(__file__).parent
-HAS_MECEFO_API = hasattr(mecefo_kernels, "apply_mecefo")
 
 
 def test_no_failure_is_bit_identical_to_plain_data_parallel(tmp_path, corpus_cache):
     """MeCeFO's machinery (torchft, NDB, the patched model) changes nothing while nobody fails."""
-    policy = "mecefo" if HAS_MECEFO_API else "ndb-exact"
-    cfg = make_config(tmp_path / "run", corpus_cache, policy=policy, dtype="float32", steps=12, seq_len=32)
+    cfg = make_config(tmp_path / "run", corpus_cache, policy="mecefo", dtype="float32", steps=12, seq_len=32)
     run(cfg)
     series = check_replicas_agree(cfg.run_path, cfg.steps)
     assert not any(r["neighbour"] for r in series)
@@ -185,10 +182,8 @@ def test_scheduled_failures_with_more_than_half_gone(tmp_path, corpus_cache):
     assert relative_difference(final_model(cfg.run_path), reference.state) < 1e-12
 
 
-@pytest.mark.skipif(not HAS_MECEFO_API, reason="needs mecefo_kernels.apply_mecefo (layers)")
 def test_mecefo_neighbour_mode_only_while_covering_a_dead_replica(tmp_path, corpus_cache):
-    # float32: apply_mecefo needs an RMSNorm computing in the model dtype (LlamaRMSNorm computes float64 in float32)
-    same = dict(dtype="float32", steps=120, tau=10, inject=["kill@6:2"])
+    same = dict(steps=120, tau=10, inject=["kill@6:2"])
     cfg = make_config(tmp_path / "mecefo", corpus_cache, policy="mecefo", **same)
     exact = make_config(tmp_path / "exact", corpus_cache, policy="ndb-exact", **same)
     run(cfg)
