@@ -1,0 +1,685 @@
+"""Training fidelity under failures: does MeCeFO keep the model as good as failure-free training?
+
+    python bench/fidelity.py                  # CPU profile, every part (~25 min on 2 cores): writes
+                                              #   docs/fidelity.md, docs/fidelity/cpu_*.png,
+                                              #   bench/results/fidelity_cpu.json and rows in results.csv
+    python bench/fidelity.py --parts probe    # one part; finished runs in --work-dir are reused
+    python bench/fidelity.py --profile gpu    # LLaMA-60M class, for a GPU machine (docs/fidelity-gpu.md)
+
+Parts (each trains with the real trainer, ``mecefo.launch.launch``: one process per replica, torchft):
+
+  quality  the same model from the same seed on the same data (the embedded corpus: the Python
+           standard library's sources) with no failures, then under the paper's low / mid / high
+           failure schedules with the mecefo, ndb-exact and shrink policies. Final validation loss
+           and perplexity, their change against no failures, loss curves.
+  probe    the gradient-error probe (:mod:`mecefo.probe`) on the no-failure run's checkpoints:
+           at every ``probe_every`` steps, the relative error of MeCeFO's step gradient and of one
+           neighbour shard's gradient against the exact ones, total and per group (attention, FFN,
+           other), for each rank and each age of the low-rank bases (the bases are at most tau
+           steps old), under three failure plans: one of the run's n replicas dead, one of the
+           paper's 32 dead, and the most replicas the high schedule has down at once.
+  sweep    mecefo under the high schedule with the other ranks (tau at its default) and the other
+           taus (rank at its default): final validation loss against no failures.
+
+The page is rendered from the results JSON, so ``--parts`` re-renders it with the other parts'
+stored results. Training runs live in ``--work-dir`` (default runs/fidelity-<profile>); a run whose
+directory holds a finished run with the same configuration is reused, not retrained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from fractions import Fraction
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from records import Recorder  # noqa: E402
+
+import mecefo_kernels.nn.decoder as kernel_defaults  # noqa: E402
+from mecefo.checkpoint import list_checkpoints, read_checkpoint  # noqa: E402
+from mecefo.config import TrainConfig  # noqa: E402
+from mecefo.data import Batches, CorpusFiles  # noqa: E402
+from mecefo.failures import load_schedule  # noqa: E402
+from mecefo.launch import launch  # noqa: E402
+from mecefo.membership import plan_step  # noqa: E402
+from mecefo.model import build_model  # noqa: E402
+from mecefo.neighbor import MeCeFOPath  # noqa: E402
+from mecefo.probe import (GROUPS, compare, exact_gradients, neighbour_run_shards, parameter_groups,  # noqa: E402
+                          shard_gradient, single_failure_plan)
+from mecefo.report import read_metrics, step_series  # noqa: E402
+from mecefo.replica import CORPUS_FILE  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+PARTS = ("quality", "probe", "sweep")
+POLICIES = ("mecefo", "ndb-exact", "shrink")
+SCHEDULES = ("low", "mid", "high")
+PAPER_REPLICAS = 32
+SCHEDULE_HOURS = 24.0  # the paper's clock hours one run spans (the trainer's default)
+ERROR_BOUND = 0.6  # the paper's measured relative error, the assumption its theorem rests on
+PPL_TARGET_PCT = 2.2  # the paper's worst validation-perplexity increase under high (1B: 15.49 -> 15.83, 2.19%)
+DEFAULT_RANK = kernel_defaults.DEFAULT_RANK
+DEFAULT_TAU = kernel_defaults.DEFAULT_REFRESH_EVERY
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One experiment's sizes. Probe steps and bases ages must be multiples of checkpoint_every."""
+
+    name: str
+    preset: str
+    device: str
+    replicas: int
+    steps: int
+    seq_len: int
+    micro_batch: int
+    lr: float
+    warmup: int
+    eval_every: int
+    eval_batches: int
+    checkpoint_every: int  # of the no-failure run: the weights the probe reads
+    probe_every: int
+    ranks: tuple[float, ...]  # probed and trained (1.0: full rank, only the attention skip remains)
+    taus: tuple[int, ...]  # trained; probed as bases ages
+    threads: int = 1  # torch threads per replica process
+
+
+PROFILES = {
+    # 8 replicas (one failure leaves |N| = 6 of 8 for attention; the paper has ~30 of 32): 8 processes
+    # of one thread share the 2 cores. tiny (0.9M parameters) at 2 x 128 tokens per shard, 300 steps:
+    # ~80 s per run, so 10 quality runs + 7 sweep runs fit in ~25 minutes.
+    "cpu": Profile("cpu", preset="tiny", device="cpu", replicas=8, steps=300, seq_len=128, micro_batch=2, lr=3e-3,
+                   warmup=20, eval_every=25, eval_batches=64, checkpoint_every=10, probe_every=50,
+                   ranks=(1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1.0), taus=(10, 50, 200)),
+    # Not run yet (no GPU lent so far): LLaMA-60M shapes on one or more GPUs (replica i on GPU i mod
+    # count), 8192 tokens per step. Checkpoints (~0.7 GB each with AdamW state) every 100 steps.
+    "gpu": Profile("gpu", preset="llama-60m", device="cuda", replicas=4, steps=1000, seq_len=256, micro_batch=8,
+                   lr=1e-3, warmup=100, eval_every=100, eval_batches=64, checkpoint_every=100, probe_every=250,
+                   ranks=(1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1.0), taus=(100, 200, 500), threads=2),
+}
+
+
+def rank_label(rank: float) -> str:
+    if rank == 1.0:
+        return "full"
+    f = Fraction(rank).limit_denominator(1024)
+    return f"{f.numerator}/{f.denominator}"
+
+
+def parse_rank(text: str) -> float:
+    value = float(Fraction(text))
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"rank {text!r} must be a fraction of in_features in (0, 1]")
+    return value
+
+
+# ---- training runs ---------------------------------------------------------------------------------
+
+def train_config(profile: Profile, run_dir: Path, *, cache_dir: str | None, failures: str | None = None,
+                 policy: str = "mecefo", rank: float | None = None, tau: int | None = None,
+                 checkpoint_every: int = 0) -> TrainConfig:
+    steps = profile.steps
+    return TrainConfig(
+        run_dir=str(run_dir), preset=profile.preset, device=profile.device, seed=0, seq_len=profile.seq_len,
+        micro_batch=profile.micro_batch, replicas=profile.replicas, steps=steps, policy=policy,
+        rank=rank, tau=tau, lr=profile.lr, warmup=profile.warmup, failures=failures, schedule_hours=SCHEDULE_HOURS,
+        checkpoint_every=checkpoint_every, keep_checkpoints=steps // max(checkpoint_every, 1) + 1,
+        eval_every=profile.eval_every, eval_batches=profile.eval_batches, hash_state=False,
+        threads=profile.threads, cache_dir=cache_dir,
+        # nobody dies here (scheduled failures sit out): generous timeouts, so that a replica starved of
+        # CPU by its 7 siblings is never dropped from the quorum (which would be an unscheduled failure)
+        heartbeat_timeout_s=30.0, timeout_s=120.0, max_wall_s=4 * 3600.0)
+
+
+def schedule_spec(schedule: str) -> str | None:
+    return None if schedule == "none" else f"schedule:{schedule}"
+
+
+def schedule_label(schedule: str) -> str:
+    """low / mid / high, or a schedule file's name."""
+    return Path(schedule).name
+
+
+def _finished(cfg: TrainConfig) -> bool:
+    run_dir = cfg.run_path
+    if not (run_dir / "summary.json").is_file() or not (run_dir / "config.json").is_file():
+        return False
+    return TrainConfig.load(run_dir / "config.json") == cfg
+
+
+def train(cfg: TrainConfig, label: str) -> dict:
+    """Run (or reuse) one training job; its validation curve, training loss and failure windows."""
+    t0 = time.time()
+    reused = _finished(cfg)
+    if not reused:
+        if cfg.run_path.exists():
+            shutil.rmtree(cfg.run_path)
+        result = launch(cfg)
+        if result.returncode != 0:
+            raise RuntimeError(f"{label}: training failed (exit {result.returncode}); see {cfg.run_dir}/logs")
+    records = read_metrics(cfg.run_path)
+    series = step_series(records)
+    if [r["step"] for r in series] != list(range(cfg.steps)):
+        raise RuntimeError(f"{label}: {cfg.run_dir} does not hold all {cfg.steps} committed steps")
+    everyone = list(range(cfg.replicas))
+    dropped = [r["step"] for r in series if sorted(r["members"]) != everyone]
+    if dropped:
+        raise RuntimeError(f"{label}: replicas left the quorum without a scheduled failure at steps {dropped[:10]} "
+                           "(a starved process missed its heartbeats?); the comparison would not be like for like")
+    evals = sorted((r for r in records if r.get("event") == "eval"), key=lambda r: r["step"])
+    schedule = load_schedule(cfg.failures, replicas=cfg.replicas, steps=cfg.steps, hours=cfg.schedule_hours,
+                             seed=cfg.seed)
+    run = {
+        "label": label, "run_dir": cfg.run_dir, "policy": cfg.policy, "rank": cfg.rank, "tau": cfg.tau,
+        "val_loss": evals[-1]["val_loss"], "val_ppl": math.exp(evals[-1]["val_loss"]),
+        "val_curve": [[e["step"], e["val_loss"]] for e in evals],
+        "train_loss": [r["loss"] for r in series],
+        "failure_windows": [[w.replica, w.start, w.end] for w in schedule.windows],
+        "failed_fraction": schedule.failed_fraction(cfg.steps),
+        "steps_under_failure": sum(1 for r in series if r["scheduled_failed"]),
+        "max_dead": max((len(r["scheduled_failed"]) for r in series), default=0),
+        "neighbour_steps": sum(1 for r in series if r["neighbours"]),
+        "wall_s": time.time() - t0, "reused": reused,
+    }
+    took = "reused" if reused else f"{run['wall_s']:.0f} s"
+    print(f"  {label:<28} val loss {run['val_loss']:.4f}  ppl {run['val_ppl']:.4f}  ({took})", flush=True)
+    return run
+
+
+def with_change(run: dict, reference: dict) -> dict:
+    run["ppl_change_pct"] = 100.0 * (run["val_ppl"] / reference["val_ppl"] - 1.0)
+    return run
+
+
+def reference_config(profile: Profile, work: Path, cache_dir: str | None) -> TrainConfig:
+    """No failures; checkpoints every checkpoint_every steps, all kept, for the probe."""
+    return train_config(profile, work / "none", cache_dir=cache_dir, checkpoint_every=profile.checkpoint_every)
+
+
+def quality(profile: Profile, work: Path, cache_dir: str | None, schedules, policies) -> dict:
+    print(f"[quality] {profile.preset}, {profile.replicas} replicas, {profile.steps} steps", flush=True)
+    reference = train(reference_config(profile, work, cache_dir), "no failure")
+    runs = {}
+    for schedule in schedules:
+        label = schedule_label(schedule)
+        for policy in policies:
+            cfg = train_config(profile, work / f"{label}-{policy}", cache_dir=cache_dir,
+                               failures=schedule_spec(schedule), policy=policy)
+            runs[f"{label}/{policy}"] = with_change(train(cfg, f"{label} / {policy}"), reference)
+    return {"reference": reference, "runs": runs, "schedules": [schedule_label(s) for s in schedules],
+            "policies": list(policies)}
+
+
+def sweep(profile: Profile, work: Path, cache_dir: str | None, schedule: str) -> dict:
+    """mecefo under ``schedule`` with each rank (tau default) and each tau (rank default)."""
+    print(f"[sweep] mecefo under {schedule}: ranks {[rank_label(r) for r in profile.ranks]}, taus {profile.taus}",
+          flush=True)
+    reference = train(reference_config(profile, work, cache_dir), "no failure")
+    settings = sorted({(r, DEFAULT_TAU) for r in profile.ranks} | {(DEFAULT_RANK, t) for t in profile.taus},
+                      key=lambda rt: (rt[0], rt[1]))
+    runs = []
+    for rank, tau in settings:
+        default = rank == DEFAULT_RANK and tau == DEFAULT_TAU
+        # the default setting is exactly the quality part's run: same directory, reused
+        name = f"{schedule_label(schedule)}-mecefo"
+        if not default:
+            name += f"-r{rank_label(rank).replace('/', 'over')}-tau{tau}"
+        cfg = train_config(profile, work / name, cache_dir=cache_dir, failures=schedule_spec(schedule),
+                           rank=None if default else rank, tau=None if default else tau)
+        run = with_change(train(cfg, f"rank {rank_label(rank)}, tau {tau}"), reference)
+        run.update(rank=rank, tau=tau)
+        runs.append(run)
+    return {"schedule": schedule_label(schedule), "reference_val_ppl": reference["val_ppl"], "runs": runs}
+
+
+# ---- gradient-error probe --------------------------------------------------------------------------
+
+def probe_plans(profile: Profile, schedule: str) -> dict:
+    """Named failure plans: one of n dead, one of the paper's 32 dead, the schedule's worst moment."""
+    n = profile.replicas
+    plans = {f"1 of {n} dead": single_failure_plan(n), f"1 of {PAPER_REPLICAS} dead": single_failure_plan(PAPER_REPLICAS)}
+    sched = load_schedule(schedule_spec(schedule), replicas=n, steps=profile.steps, hours=SCHEDULE_HOURS, seed=0)
+    worst = max((sched.failed_at(s) for s in range(profile.steps)), key=len, default=frozenset())
+    if len(worst) > 1:
+        plans[f"{len(worst)} of {n} dead ({schedule_label(schedule)} schedule's worst)"] = plan_step(
+            n, [r for r in range(n) if r not in worst], "mecefo")
+    return plans
+
+
+def probe(profile: Profile, work: Path, cache_dir: str | None, schedule: str, threads: int) -> dict:
+    ref_cfg = reference_config(profile, work, cache_dir)
+    print(f"[probe] weights of the no-failure run every {profile.probe_every} steps", flush=True)
+    train(ref_cfg, "no failure")
+    t0 = time.time()
+    torch.set_num_threads(threads)
+    run_dir = ref_cfg.run_path
+    corpus = CorpusFiles(**json.loads((run_dir / CORPUS_FILE).read_text()))
+    device = torch.device("cuda" if profile.device == "cuda" else "cpu")
+    model = build_model(ref_cfg, device)
+    batches = Batches(corpus, seq_len=ref_cfg.seq_len, micro_batch=ref_cfg.micro_batch, seed=ref_cfg.seed,
+                      vocab_size=model.config.vocab_size)
+    weights = {step: path for step, path in list_checkpoints(run_dir / "checkpoints")}
+    initial = {k: v.clone() for k, v in model.state_dict().items()}  # step 0: the seeded initialisation
+    paths = {rank: MeCeFOPath(rank, tau=None) for rank in profile.ranks}
+    ages = (0, *profile.taus)
+    plans = probe_plans(profile, schedule)
+    groups = parameter_groups(paths[profile.ranks[0]].prepare(model), paths[profile.ranks[0]])
+    shards = sorted({s for plan in plans.values() for s in neighbour_run_shards(plan)})
+
+    def load(step: int) -> None:
+        model.load_state_dict(read_checkpoint(weights[step])["model"] if step else initial)
+
+    rows = []
+    for t in range(0, profile.steps + 1, profile.probe_every):
+        load(t)
+        exact = {name: exact_gradients(model, paths[profile.ranks[0]], batches, t, plan) for name, plan in plans.items()}
+        for age in (a for a in ages if a <= t):
+            for rank, path in paths.items():
+                load(t - age)
+                path.prepare(model)  # bases from the weights `age` steps ago
+                load(t)
+                neighbour = {s: shard_gradient(model, path, batches, t, s, neighbour=True) for s in shards}
+                for name, plan in plans.items():
+                    r = compare(exact[name], {s: neighbour[s] for s in neighbour_run_shards(plan)}, groups)
+                    rows.append({"step": t, "plan": name, "rank": rank, "age": age, "step_error": r.step,
+                                 "shard_error": r.shard_mean()})
+        print(f"  step {t}: {sum(1 for r in rows if r['step'] == t)} probes", flush=True)
+    print(f"  probe took {time.time() - t0:.0f} s", flush=True)
+    return {"plans": list(plans), "plan_details": {k: p.describe() for k, p in plans.items()}, "ages": list(ages),
+            "ranks": list(profile.ranks), "rows": rows, "seconds": time.time() - t0}
+
+
+# ---- summaries of the probe rows -------------------------------------------------------------------
+
+def _rows(probe_result: dict, **match) -> list[dict]:
+    return [r for r in probe_result["rows"] if all(r[k] == v for k, v in match.items())]
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def probe_summary(probe_result: dict, kind: str, stat, **match) -> dict[str, float]:
+    """``stat`` (mean or max) over the matching rows of each group's ``kind`` ("step_error", "shard_error")."""
+    rows = _rows(probe_result, **match)
+    return {g: stat(r[kind][g] for r in rows) for g in ("total", *GROUPS)}
+
+
+def default_age(profile: Profile) -> int:
+    """The oldest the bases get with the default tau, within the probed ages (the run is shorter than tau)."""
+    return max(a for a in (0, *profile.taus) if a <= DEFAULT_TAU)
+
+
+# ---- figures ---------------------------------------------------------------------------------------
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+POLICY_COLORS = {"mecefo": "tab:blue", "ndb-exact": "tab:green", "shrink": "tab:red"}
+
+
+def plot_quality(result: dict, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    schedules, policies, ref = result["schedules"], result["policies"], result["reference"]
+    fig, axes = plt.subplots(2, len(schedules), figsize=(5 * len(schedules), 7), squeeze=False, sharex=True)
+    window = 20
+    ref_smooth = _smooth(ref["train_loss"], window)
+    for col, schedule in enumerate(schedules):
+        top, bottom = axes[0][col], axes[1][col]
+        top.plot(ref_smooth, color="black", lw=1.2, label="no failure")
+        for policy in policies:
+            run = result["runs"][f"{schedule}/{policy}"]
+            color = POLICY_COLORS.get(policy)
+            top.plot(_smooth(run["train_loss"], window), color=color, lw=0.9, label=policy)
+            ref_val = dict((s, v) for s, v in ref["val_curve"])
+            steps = [s for s, _ in run["val_curve"]]
+            bottom.plot(steps, [100 * (math.exp(v - ref_val[s]) - 1) for s, v in run["val_curve"]], "o-", ms=3,
+                        color=color, label=policy)
+        windows = next(iter(result["runs"][f"{schedule}/{p}"] for p in policies))["failure_windows"]
+        for ax in (top, bottom):
+            for _, a, b in windows:
+                ax.axvspan(a - 0.5, b - 0.5, color="tab:red", alpha=0.06, lw=0)
+        bottom.axhline(0, color="black", lw=0.8)
+        bottom.axhline(PPL_TARGET_PCT, color="gray", ls="--", lw=0.8, label=f"+{PPL_TARGET_PCT}% (paper's worst)")
+        top.set_title(f"schedule {schedule}: {len(windows)} failure windows (shaded)")
+        top.set_ylabel(f"training loss ({window}-step mean)")
+        bottom.set_ylabel("validation ppl vs no failure (%)")
+        bottom.set_xlabel("step")
+        top.set_ylim(min(ref_smooth) - 0.1, ref_smooth[min(window, len(ref_smooth) - 1)] + 0.2)  # past the first drop
+    axes[0][0].legend(fontsize=8)
+    axes[1][0].legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def plot_probe(profile: Profile, result: dict, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_r, ax_a) = plt.subplots(1, 3, figsize=(16, 4.6))
+    plan0 = result["plans"][0]
+    styles = {"total": "-", "attention": ":", "ffn": "--", "other": "-."}
+    colors = dict(zip(result["plans"], ("tab:blue", "tab:orange", "tab:purple")))
+    for plan in result["plans"]:
+        rows = sorted(_rows(result, plan=plan, rank=DEFAULT_RANK, age=0), key=lambda r: r["step"])
+        for g in ("total", *GROUPS):
+            ax_t.plot([r["step"] for r in rows], [r["step_error"][g] for r in rows], styles[g], color=colors[plan],
+                      marker="o", ms=3, label=f"{plan}: {g}" if plan == plan0 or g == "total" else None)
+    ax_t.set_title(f"step gradient error through training (rank {rank_label(DEFAULT_RANK)}, fresh bases)")
+    ax_t.set_xlabel("step")
+    ranks = result["ranks"]
+    x = list(range(len(ranks)))
+    for kind, label, marker in (("step_error", f"step gradient ({plan0})", "o"), ("shard_error", "one neighbour shard", "s")):
+        for g in ("ffn", "total"):
+            ax_r.plot(x, [probe_summary(result, kind, _mean, plan=plan0, rank=r, age=0)[g] for r in ranks],
+                      styles[g], marker=marker, label=f"{label}: {g}")
+    ax_r.set_xticks(x, [rank_label(r) for r in ranks])
+    ax_r.set_xlabel("rank (fraction of in_features)")
+    ax_r.set_title("error vs rank (mean over probed steps, fresh bases)")
+    ages = result["ages"]
+    late = [s for s in range(0, profile.steps + 1, profile.probe_every) if s >= max(ages)]
+    for rank in ranks:
+        if rank == 1.0:
+            continue
+        ax_a.plot(ages, [_mean(r["shard_error"]["ffn"] for r in _rows(result, plan=plan0, rank=rank, age=a)
+                               if r["step"] in late) for a in ages], marker="o", label=f"rank {rank_label(rank)}")
+    ax_a.set_xlabel("age of the bases (steps) = the oldest they get with tau = age")
+    ax_a.set_title(f"one neighbour shard's FFN error vs bases age (steps {late[0]}-{late[-1]})" if late else "")
+    for ax in (ax_t, ax_r, ax_a):
+        ax.axhline(ERROR_BOUND, color="gray", ls="--", lw=0.8)
+        ax.set_ylabel("relative error")
+        ax.set_ylim(0, 1.05)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+# ---- the results page ------------------------------------------------------------------------------
+
+def _pct(v: float) -> str:
+    return f"{v:+.2f}%"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def render_quality(profile: Profile, q: dict, figure: str) -> list[str]:
+    ref = q["reference"]
+    lines = ["## Validation quality under failures", "",
+             f"No failure: validation loss {ref['val_loss']:.4f}, perplexity {ref['val_ppl']:.4f}. Relative change of the "
+             "final validation perplexity against it (lower is better; ndb-exact computes the full-batch gradient, "
+             "so its change measures how far rounding alone moves a run):", ""]
+    rows = []
+    for schedule in q["schedules"]:
+        for policy in q["policies"]:
+            run = q["runs"][f"{schedule}/{policy}"]
+            rows.append([schedule, f"{100 * run['failed_fraction']:.1f}%", f"{run['steps_under_failure']}",
+                         f"{run['max_dead']}", policy, f"{run['val_loss']:.4f}", f"{run['val_ppl']:.4f}",
+                         _pct(run["ppl_change_pct"])])
+    lines += _table(["schedule", "replicas down (mean)", "steps with a failure", "most down at once", "policy",
+                     "val loss", "val ppl", "ppl vs no failure"], rows)
+    lines += ["", f"![loss curves]({figure})", "",
+              "Top: training loss (20-step mean; under shrink it is the loss of the shards still processed). "
+              "Bottom: validation perplexity against the no-failure run at each evaluation. Shaded: steps with a "
+              "replica down.", ""]
+    if "high" in q["schedules"] and {"mecefo", "shrink"} <= set(q["policies"]):
+        m, s = q["runs"]["high/mecefo"], q["runs"]["high/shrink"]
+        within = m["ppl_change_pct"] <= PPL_TARGET_PCT
+        better = m["val_ppl"] < s["val_ppl"]
+        lines += ["Targets (issue 7), schedule high:", "",
+                  f"- within {PPL_TARGET_PCT}% of no failure: **{'met' if within else 'missed'}** "
+                  f"(mecefo {_pct(m['ppl_change_pct'])})",
+                  f"- better than shrink on the same failures: **{'met' if better else 'missed'}** "
+                  f"(mecefo ppl {m['val_ppl']:.4f}, shrink {s['val_ppl']:.4f})", ""]
+    return lines
+
+
+def render_probe(profile: Profile, p: dict, figure: str) -> list[str]:
+    plan0 = p["plans"][0]
+    age = default_age(profile)
+    lines = ["## Gradient error", "",
+             "Definitions (`python/mecefo/probe.py`): on the same weights and the same step's shards, `g_s` is the "
+             "exact gradient of shard s, `ĝ_s` the gradient a neighbour computes for it in neighbour mode. The exact "
+             "step gradient is `G = (1/n) Σ_s g_s`. MeCeFO's step gradient, as the trainer's all-reduce and "
+             "normalisers produce it (before clipping): attention parameters (Wq, Wk, Wv, Wo, input_layernorm) "
+             "`(1/|N|) Σ_{k∈N} g_k` over the live non-neighbours N; every other parameter "
+             "`(1/n) (Σ_{k∈N} g_k + Σ_{s run by neighbours} ĝ_s)`. Reported: **step** error "
+             "`‖Ĝ − G‖ / ‖G‖` (what the optimizer sees; the quantity the convergence theorem bounds) and "
+             "**neighbour-shard** error `‖ĝ_s − g_s‖ / ‖g_s‖` (one neighbour micro-batch alone, mean over the "
+             "shards run in neighbour mode; its attention part is 1 by construction). Groups: attention, FFN "
+             "(gate/up/down), other (embeddings, post-attention and final norms, LM head).", "",
+             f"Weights: the no-failure run every {profile.probe_every} steps (step 0 = initialisation). "
+             f"Plans: {'; '.join(f'{k}: {v}' for k, v in p['plan_details'].items())}.", "",
+             f"### Through training, default rank {rank_label(DEFAULT_RANK)}, bases up to {age} steps old", ""]
+    rows = []
+    for plan in p["plans"]:
+        for kind, what in (("step_error", "step"), ("shard_error", "neighbour shard")):
+            if kind == "shard_error" and plan != plan0:
+                continue  # the shard error does not depend on the plan
+            worst = probe_summary(p, kind, max, plan=plan, rank=DEFAULT_RANK)
+            rows.append([plan if kind == "step_error" else "any", what,
+                         *[f"{probe_summary(p, kind, _mean, plan=plan, rank=DEFAULT_RANK, age=0)[g]:.3f} / {worst[g]:.3f}"
+                           for g in ("total", *GROUPS)]])
+    lines += _table(["plan", "error", "total (mean / max)", "attention", "FFN", "other"], rows)
+    default_rows = [r for r in p["rows"] if r["rank"] == DEFAULT_RANK and r["age"] <= age]
+    over = sorted({(r["plan"], g) for r in default_rows for g in ("total", *GROUPS) if r["step_error"][g] >= ERROR_BOUND})
+    lines += ["", "Means over the probed steps with fresh bases; maxima over every probed step and bases age "
+              f"up to {age} steps.", "",
+              f"Step-gradient error below {ERROR_BOUND} at every probed step, every group, default rank and tau: "
+              + ("**yes**" if not over else "**no**: " + ", ".join(f"{pl} ({g})" for pl, g in over)), "",
+              f"![gradient error]({figure})", "", "### Rank and bases age", "",
+              f"Mean over the probed steps ({plan0}), bases computed `age` steps before the probed weights "
+              "(with period tau the bases are between 0 and tau - 1 steps old); full = rank in_features: only the "
+              "attention skip remains. Step FFN / neighbour-shard FFN error:", ""]
+    late = [s for s in range(0, profile.steps + 1, profile.probe_every) if s >= max(p["ages"])]
+    rows = []
+    for rank in p["ranks"]:
+        cells = []
+        for a in p["ages"]:
+            rs = [r for r in _rows(p, plan=plan0, rank=rank, age=a) if r["step"] in late]
+            cells.append(f"{_mean(r['step_error']['ffn'] for r in rs):.3f} / {_mean(r['shard_error']['ffn'] for r in rs):.3f}")
+        rows.append([rank_label(rank), *cells])
+    lines += _table(["rank", *[f"age {a}" for a in p["ages"]]], rows)
+    lines += ["", f"(steps {', '.join(map(str, late))}, where every age can be probed)", ""]
+    return lines
+
+
+def render_sweep(profile: Profile, s: dict, p: dict | None) -> list[str]:
+    plan0 = p["plans"][0] if p else None
+    lines = ["## Rank / tau sweep", "",
+             f"mecefo under the {s['schedule']} schedule; validation perplexity against no failure"
+             + (f", and the probe's mean step / neighbour-shard FFN error ({plan0}, bases as old as tau within "
+                "the probed ages)" if p else "") + ":", ""]
+    rows = []
+    for run in s["runs"]:
+        cells = [rank_label(run["rank"]), str(run["tau"]), f"{run['val_ppl']:.4f}", _pct(run["ppl_change_pct"])]
+        if p:
+            age = max(a for a in p["ages"] if a <= run["tau"])
+            step = probe_summary(p, "step_error", _mean, plan=plan0, rank=run["rank"], age=age)
+            shard = probe_summary(p, "shard_error", _mean, plan=plan0, rank=run["rank"], age=age)
+            cells.append(f"{step['ffn']:.3f} / {shard['ffn']:.3f}")
+        rows.append(cells)
+    lines += _table(["rank", "tau", "val ppl", "ppl vs no failure"] + (["FFN error step / shard"] if p else []), rows)
+    return lines + [""]
+
+
+def render(profile: Profile, results: dict, figures: dict[str, str], command: str) -> str:
+    cfg = results["setup"]
+    lines = [f"# Training fidelity under failures ({profile.name})", "",
+             f"Generated by `{command}` (bench/fidelity.py) on {cfg['device']}, commit {cfg['commit']}. "
+             "Do not edit by hand: rerun the command.", "",
+             f"Setup: preset `{profile.preset}` ({cfg['parameters'] / 1e6:.2f}M parameters), {profile.replicas} "
+             f"data-parallel replicas (real trainer processes), {profile.steps} steps of {profile.replicas} x "
+             f"{profile.micro_batch} x {profile.seq_len} tokens, AdamW lr {profile.lr:g} (warm-up {profile.warmup}, "
+             f"cosine), seed 0, embedded corpus ({cfg['corpus']}), validation on {profile.eval_batches} fixed "
+             f"held-out micro-batches ({profile.eval_batches * profile.micro_batch * profile.seq_len} tokens from "
+             "files never trained on). Failure schedules: the paper's low / mid / high scenarios as an up/down "
+             "process per replica spanning 24 h (`mecefo.failures`), seed 0; failed replicas sit out and the "
+             f"policy decides. mecefo defaults: rank {rank_label(DEFAULT_RANK)}, tau {DEFAULT_TAU}.", ""]
+    timings = ", ".join(f"{k} {v / 60:.1f} min" for k, v in results.get("seconds", {}).items())
+    if timings:
+        lines += [f"Wall time (last regeneration of each part): {timings}.", ""]
+    if "quality" in results:
+        lines += render_quality(profile, results["quality"], figures["quality"])
+    if "probe" in results:
+        lines += render_probe(profile, results["probe"], figures["probe"])
+    if "sweep" in results:
+        lines += render_sweep(profile, results["sweep"], results.get("probe"))
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# ---- CSV rows --------------------------------------------------------------------------------------
+
+def record(recorder: Recorder, profile: Profile, results: dict, parts) -> None:
+    config = f"{profile.preset}:n={profile.replicas},steps={profile.steps},tokens={profile.micro_batch}x{profile.seq_len}"
+    if "quality" in parts:
+        q = results["quality"]
+        recorder.add(benchmark="fidelity/quality", provider="none", mode="none", config=config, metric="val_ppl",
+                     unit="ppl", median=q["reference"]["val_ppl"])
+        for key, run in q["runs"].items():
+            schedule, policy = key.split("/")
+            recorder.add(benchmark="fidelity/quality", provider=policy, mode=schedule, config=config,
+                         metric="val_ppl", unit="ppl", median=run["val_ppl"])
+            recorder.add(benchmark="fidelity/quality", provider=policy, mode=schedule, config=config,
+                         metric="val_ppl_change", unit="%", median=run["ppl_change_pct"])
+    if "probe" in parts:
+        p = results["probe"]
+        for plan in p["plans"]:
+            for rank in p["ranks"]:
+                for kind in ("step_error", "shard_error"):
+                    if kind == "shard_error" and plan != p["plans"][0]:
+                        continue
+                    mean = probe_summary(p, kind, _mean, plan=plan, rank=rank, age=0)
+                    worst = probe_summary(p, kind, max, plan=plan, rank=rank, age=0)
+                    for g in ("total", *GROUPS):
+                        recorder.add(benchmark="fidelity/probe", provider=f"rank {rank_label(rank)}",
+                                     mode=plan if kind == "step_error" else "neighbour shard", config=config,
+                                     metric=f"{kind}_{g}", unit="relative", median=mean[g], p80=worst[g])
+    if "sweep" in parts:
+        for run in results["sweep"]["runs"]:
+            recorder.add(benchmark="fidelity/sweep", provider=f"rank {rank_label(run['rank'])}",
+                         mode=f"{results['sweep']['schedule']},tau={run['tau']}", config=config,
+                         metric="val_ppl_change", unit="%", median=run["ppl_change_pct"])
+
+
+# ---- main ------------------------------------------------------------------------------------------
+
+def setup_info(profile: Profile, work: Path, cache_dir: str | None, recorder: Recorder) -> dict:
+    ref = reference_config(profile, work, cache_dir)
+    corpus = json.loads((ref.run_path / CORPUS_FILE).read_text())
+    from mecefo.presets import get_preset
+
+    return {"device": recorder.env["device"], "commit": recorder.env["commit"], "corpus": corpus["description"],
+            "parameters": get_preset(profile.preset).num_parameters(), "profile": asdict(profile)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--schedules", nargs="+", default=list(SCHEDULES),
+                        help="low, mid, high, or schedule files ('REPLICA START END' lines)")
+    parser.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
+    parser.add_argument("--sweep-schedule", default="high", help="the schedule of the sweep and the probe's worst plan")
+    parser.add_argument("--ranks", nargs="+", type=parse_rank, help="probed and trained ranks (e.g. 1/32 1.0)")
+    parser.add_argument("--taus", nargs="+", type=int, help="trained taus, probed as bases ages")
+    for name in ("steps", "replicas", "seq_len", "micro_batch", "eval_every", "eval_batches", "checkpoint_every",
+                 "probe_every"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, help="override the profile's value")
+    parser.add_argument("--preset", help="override the profile's model preset")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the probe (this process)")
+    parser.add_argument("--work-dir", type=Path, help="training runs (default runs/fidelity-<profile>)")
+    parser.add_argument("--cache-dir", help="corpus cache (default ~/.cache/mecefo)")
+    parser.add_argument("--docs", type=Path, help="the results page (default docs/fidelity.md; gpu: docs/fidelity-gpu.md)")
+    parser.add_argument("--json", type=Path, help="the results (default bench/results/fidelity_<profile>.json)")
+    parser.add_argument("--csv", type=Path, help="rows appended here (default bench/results/results.csv)")
+    args = parser.parse_args(argv)
+
+    profile = PROFILES[args.profile]
+    overrides = {k: getattr(args, k) for k in ("steps", "replicas", "seq_len", "micro_batch", "eval_every",
+                                               "eval_batches", "checkpoint_every", "probe_every", "preset", "taus")
+                 if getattr(args, k) is not None}
+    if args.ranks:
+        overrides["ranks"] = tuple(args.ranks)
+    profile = replace(profile, **overrides)
+    if any(a % profile.checkpoint_every for a in (profile.probe_every, *profile.taus)):
+        parser.error(f"--probe-every and --taus must be multiples of --checkpoint-every ({profile.checkpoint_every})")
+    if DEFAULT_RANK not in profile.ranks:
+        parser.error(f"--ranks must include the default rank {rank_label(DEFAULT_RANK)}")
+    if profile.device == "cuda" and not torch.cuda.is_available():
+        parser.error("profile gpu needs a CUDA device; this machine has none")
+    suffix = "" if profile.name == "cpu" else f"-{profile.name}"
+    work = args.work_dir or REPO / "runs" / f"fidelity-{profile.name}"
+    docs = args.docs or REPO / "docs" / f"fidelity{suffix}.md"
+    results_json = args.json or REPO / "bench" / "results" / f"fidelity_{profile.name}.json"
+    figures_dir = docs.parent / "fidelity"
+    cache = args.cache_dir
+    recorder = Recorder(torch.device("cuda" if profile.device == "cuda" else "cpu"),
+                        **({"path": args.csv} if args.csv else {}))
+
+    results = json.loads(results_json.read_text()) if results_json.is_file() else {}
+    if results.get("setup", {}).get("profile") not in (None, asdict(profile)):
+        results = {}  # another configuration: nothing stored can be mixed with this one
+    results.setdefault("seconds", {})
+    for part in PARTS:
+        if part not in args.parts:
+            continue
+        t0 = time.time()
+        if part == "quality":
+            results["quality"] = quality(profile, work, cache, args.schedules, args.policies)
+        elif part == "probe":
+            results["probe"] = probe(profile, work, cache, args.sweep_schedule, args.threads)
+        else:
+            results["sweep"] = sweep(profile, work, cache, args.sweep_schedule)
+        results["seconds"][part] = time.time() - t0
+    results["setup"] = setup_info(profile, work, cache, recorder)
+
+    figures = {}
+    if "quality" in results:
+        figures["quality"] = plot_quality(results["quality"], figures_dir / f"{profile.name}_quality.png")
+    if "probe" in results:
+        figures["probe"] = plot_probe(profile, results["probe"], figures_dir / f"{profile.name}_probe.png")
+    rel = {k: str(v.relative_to(docs.parent)) for k, v in figures.items()}
+    command = "python bench/fidelity.py" + ("" if profile.name == "cpu" else f" --profile {profile.name}")
+    results_json.parent.mkdir(parents=True, exist_ok=True)
+    results_json.write_text(json.dumps(results, indent=1) + "\n")
+    docs.parent.mkdir(parents=True, exist_ok=True)
+    docs.write_text(render(profile, results, rel, command))
+    record(recorder, profile, results, args.parts)
+    recorder.save()
+    print(f"wrote {docs}, {results_json}, {', '.join(map(str, figures.values()))}; {len(recorder.rows)} rows -> "
+          f"{recorder.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""bench/fidelity.py end to end on a 10-step tiny run: the numbers on the page are the runs' and the probe's.
+
+The probe's formulas are tested in test_probe.py; here: the driver trains what it says, reads the
+right weights and bases (probed step and bases age), and writes the page, the JSON and the CSV rows.
+"""
+
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("torchft")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+
+import fidelity  # noqa: E402
+
+from mecefo.checkpoint import list_checkpoints, read_checkpoint  # noqa: E402
+from mecefo.config import TrainConfig  # noqa: E402
+from mecefo.data import Batches, CorpusFiles  # noqa: E402
+from mecefo.model import build_model  # noqa: E402
+from mecefo.neighbor import MeCeFOPath  # noqa: E402
+from mecefo.probe import probe, single_failure_plan  # noqa: E402
+from mecefo.report import read_metrics  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def fidelity_run(tmp_path_factory, corpus_cache):
+    tmp = tmp_path_factory.mktemp("fidelity")
+    schedule = tmp / "failures.txt"
+    schedule.write_text("1 3 8\n2 4 7\n")  # replica 1 down at steps 3-7, replica 2 too at 4-6
+    out = dict(docs=tmp / "docs" / "fidelity.md", json=tmp / "fidelity.json", csv=tmp / "results.csv")
+    argv = ["--steps", "10", "--replicas", "3", "--seq-len", "16", "--micro-batch", "2", "--eval-every", "5",
+            "--eval-batches", "2", "--checkpoint-every", "5", "--probe-every", "5", "--taus", "5",
+            "--ranks", "1/32", "1.0", "--schedules", str(schedule), "--policies", "mecefo", "shrink",
+            "--sweep-schedule", str(schedule), "--threads", "1", "--work-dir", str(tmp / "runs"),
+            "--cache-dir", str(corpus_cache)] + [a for k, v in out.items() for a in (f"--{k}", str(v))]
+    assert fidelity.main(argv) == 0
+    return tmp, out, json.loads(out["json"].read_text())
+
+
+def test_quality_numbers_are_the_runs_final_evaluations(fidelity_run):
+    tmp, _, results = fidelity_run
+    q = results["quality"]
+    assert set(q["runs"]) == {"failures.txt/mecefo", "failures.txt/shrink"}
+    for key, run in q["runs"].items():
+        evals = [r for r in read_metrics(run["run_dir"]) if r.get("event") == "eval"]
+        assert run["val_loss"] == max(evals, key=lambda r: r["step"])["val_loss"]
+        assert run["ppl_change_pct"] == pytest.approx(100 * (math.exp(run["val_loss"] - q["reference"]["val_loss"]) - 1))
+        assert run["steps_under_failure"] == 5 and run["max_dead"] == 2
+    assert q["runs"]["failures.txt/mecefo"]["neighbour_steps"] == 5
+    assert q["runs"]["failures.txt/shrink"]["neighbour_steps"] == 0
+
+
+def test_probe_reads_the_probed_weights_and_bases_of_the_right_age(fidelity_run):
+    tmp, _, results = fidelity_run
+    p = results["probe"]
+    ages = {(r["step"], r["age"]) for r in p["rows"]}
+    assert ages == {(0, 0), (5, 0), (5, 5), (10, 0), (10, 5)}
+    run_dir = tmp / "runs" / "none"
+    cfg = TrainConfig.load(run_dir / "config.json")
+    corpus = CorpusFiles(**json.loads((run_dir / "corpus.json").read_text()))
+    model = build_model(cfg)
+    batches = Batches(corpus, seq_len=cfg.seq_len, micro_batch=cfg.micro_batch, seed=0, vocab_size=256)
+    weights = dict(list_checkpoints(run_dir / "checkpoints"))
+    path = MeCeFOPath(rank=1 / 32, tau=None)
+    model.load_state_dict(read_checkpoint(weights[5])["model"])
+    path.prepare(model)  # bases of the step-5 weights ...
+    model.load_state_dict(read_checkpoint(weights[10])["model"])  # ... probed at step 10: age 5
+    want = probe(model, path, batches, 10, single_failure_plan(3))
+    [row] = [r for r in p["rows"] if (r["step"], r["age"], r["rank"], r["plan"]) == (10, 5, 1 / 32, "1 of 3 dead")]
+    assert row["step_error"] == pytest.approx(want.step, rel=1e-6)
+    assert row["shard_error"] == pytest.approx(want.shard_mean(), rel=1e-6)
+    assert set(p["plans"]) == {"1 of 3 dead", "1 of 32 dead", "2 of 3 dead (failures.txt schedule's worst)"}
+
+
+def test_sweep_reuses_the_default_run_and_the_page_lists_everything(fidelity_run):
+    tmp, out, results = fidelity_run
+    runs = {(r["rank"], r["tau"]): r for r in results["sweep"]["runs"]}
+    assert set(runs) == {(1 / 32, 5), (1 / 32, 200), (1.0, 200)}
+    assert runs[(1 / 32, 200)]["run_dir"] == results["quality"]["runs"]["failures.txt/mecefo"]["run_dir"]
+    assert runs[(1 / 32, 200)]["reused"]
+    page = out["docs"].read_text()
+    for needle in ("## Validation quality under failures", "## Gradient error", "## Rank / tau sweep",
+                   "| failures.txt | 26.7% | 5 | 2 | shrink |", "(fidelity/cpu_quality.png)", "| full | 200 |"):
+        assert needle in page
+    assert (out["docs"].parent / "fidelity" / "cpu_quality.png").stat().st_size > 10_000
+    assert (out["docs"].parent / "fidelity" / "cpu_probe.png").stat().st_size > 10_000
+    rows = list(csv.DictReader(out["csv"].open()))
+    assert {r["benchmark"] for r in rows} == {"fidelity/quality", "fidelity/probe", "fidelity/sweep"}
