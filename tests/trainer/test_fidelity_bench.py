@@ -35,7 +35,7 @@ def fidelity_run(tmp_path_factory, corpus_cache):
     out = dict(docs=tmp / "docs" / "fidelity.md", json=tmp / "fidelity.json", csv=tmp / "results.csv")
     argv = ["--steps", "10", "--replicas", "3", "--seq-len", "16", "--micro-batch", "2", "--eval-every", "5",
             "--eval-batches", "2", "--checkpoint-every", "5", "--probe-every", "5", "--taus", "5",
-            "--ranks", "1/32", "1.0", "--schedules", str(schedule), "--policies", "mecefo", "shrink",
+            "--ranks", "1/32", "--schedules", str(schedule), "--policies", "mecefo", "shrink",
             "--sweep-schedule", str(schedule), "--threads", "1", "--work-dir", str(tmp / "runs"),
             "--cache-dir", str(corpus_cache)] + [a for k, v in out.items() for a in (f"--{k}", str(v))]
     assert fidelity.main(argv) == 0
@@ -80,12 +80,12 @@ def test_probe_reads_the_probed_weights_and_bases_of_the_right_age(fidelity_run)
 def test_sweep_reuses_the_default_run_and_the_page_lists_everything(fidelity_run):
     tmp, out, results = fidelity_run
     runs = {(r["rank"], r["tau"]): r for r in results["sweep"]["runs"]}
-    assert set(runs) == {(1 / 32, 5), (1 / 32, 200), (1.0, 200)}
+    assert set(runs) == {(1 / 32, 5), (1 / 32, 200)}
     assert runs[(1 / 32, 200)]["run_dir"] == results["quality"]["runs"]["failures.txt/mecefo"]["run_dir"]
     assert runs[(1 / 32, 200)]["reused"]
     page = out["docs"].read_text()
     for needle in ("## Validation quality under failures", "## Gradient error", "## Rank / tau sweep",
-                   "| failures.txt | 26.7% | 5 | 2 | shrink |", "(fidelity/cpu_quality.png)", "| full | 200 |"):
+                   "| failures.txt | 26.7% | 5 | 2 | shrink |", "(fidelity/cpu_quality.png)", "| 1/32 | 5 |"):
         assert needle in page
     assert (out["docs"].parent / "fidelity" / "cpu_quality.png").stat().st_size > 10_000
     assert (out["docs"].parent / "fidelity" / "cpu_probe.png").stat().st_size > 10_000
