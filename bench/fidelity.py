@@ -647,7 +647,8 @@ def main(argv: list[str] | None = None) -> int:
                         **({"path": args.csv} if args.csv else {}))
 
     results = json.loads(results_json.read_text()) if results_json.is_file() else {}
-    if results.get("setup", {}).get("profile") not in (None, asdict(profile)):
+    # compared as stored (JSON has lists where the profile has tuples)
+    if results.get("setup", {}).get("profile") not in (None, json.loads(json.dumps(asdict(profile)))):
         results = {}  # another configuration: nothing stored can be mixed with this one
     results.setdefault("seconds", {})
     for part in PARTS:
