@@ -1,6 +1,6 @@
 """Training fidelity under failures: does MeCeFO keep the model as good as failure-free training?
 
-    python bench/fidelity.py                  # CPU profile, every part (~25 min on 2 cores): writes
+    python bench/fidelity.py                  # CPU profile, every part (~50 min on 2 shared cores): writes
                                               #   docs/fidelity.md, docs/fidelity/cpu_*.png,
                                               #   bench/results/fidelity_cpu.json and rows in results.csv
     python bench/fidelity.py --parts probe    # one part; finished runs in --work-dir are reused
@@ -95,7 +95,7 @@ class Profile:
 PROFILES = {
     # 8 replicas (one failure leaves |N| = 6 of 8 for attention; the paper has ~30 of 32): 8 processes
     # of one thread share the 2 cores. tiny (0.9M parameters) at 2 x 128 tokens per shard, 300 steps:
-    # ~80 s per run, so 10 quality runs + 7 sweep runs fit in ~25 minutes.
+    # 80-160 s per run on 2 shared cores: quality (10 runs) ~16 min, sweep (7 more) ~16 min, probe ~15-20 min.
     "cpu": Profile("cpu", preset="tiny", device="cpu", replicas=8, steps=300, seq_len=128, micro_batch=2, lr=3e-3,
                    warmup=20, eval_every=25, eval_batches=64, checkpoint_every=10, probe_every=50,
                    ranks=(1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1.0), taus=(10, 50, 200)),
