@@ -39,11 +39,11 @@ def fidelity_run(tmp_path_factory, corpus_cache):
             "--sweep-schedule", str(schedule), "--threads", "1", "--work-dir", str(tmp / "runs"),
             "--cache-dir", str(corpus_cache)] + [a for k, v in out.items() for a in (f"--{k}", str(v))]
     assert fidelity.main(argv) == 0
-    return tmp, out, json.loads(out["json"].read_text())
+    return tmp, out, json.loads(out["json"].read_text()), argv
 
 
 def test_quality_numbers_are_the_runs_final_evaluations(fidelity_run):
-    tmp, _, results = fidelity_run
+    tmp, _, results, _ = fidelity_run
     q = results["quality"]
     assert set(q["runs"]) == {"failures.txt/mecefo", "failures.txt/shrink"}
     for key, run in q["runs"].items():
@@ -56,7 +56,7 @@ def test_quality_numbers_are_the_runs_final_evaluations(fidelity_run):
 
 
 def test_probe_reads_the_probed_weights_and_bases_of_the_right_age(fidelity_run):
-    tmp, _, results = fidelity_run
+    tmp, _, results, _ = fidelity_run
     p = results["probe"]
     ages = {(r["step"], r["age"]) for r in p["rows"]}
     assert ages == {(0, 0), (5, 0), (5, 5), (10, 0), (10, 5)}
@@ -78,7 +78,7 @@ def test_probe_reads_the_probed_weights_and_bases_of_the_right_age(fidelity_run)
 
 
 def test_sweep_reuses_the_default_run_and_the_page_lists_everything(fidelity_run):
-    tmp, out, results = fidelity_run
+    tmp, out, results, _ = fidelity_run
     runs = {(r["rank"], r["tau"]): r for r in results["sweep"]["runs"]}
     assert set(runs) == {(1 / 32, 5), (1 / 32, 200)}
     assert runs[(1 / 32, 200)]["run_dir"] == results["quality"]["runs"]["failures.txt/mecefo"]["run_dir"]
@@ -91,3 +91,12 @@ def test_sweep_reuses_the_default_run_and_the_page_lists_everything(fidelity_run
     assert (out["docs"].parent / "fidelity" / "cpu_probe.png").stat().st_size > 10_000
     rows = list(csv.DictReader(out["csv"].open()))
     assert {r["benchmark"] for r in rows} == {"fidelity/quality", "fidelity/probe", "fidelity/sweep"}
+
+
+def test_one_part_rerun_keeps_the_other_parts_results(fidelity_run):
+    """--parts sweep (every run reused) re-renders the page with the stored quality and probe results."""
+    tmp, out, results, argv = fidelity_run
+    assert fidelity.main(argv + ["--parts", "sweep"]) == 0
+    again = json.loads(out["json"].read_text())
+    assert again["quality"] == results["quality"] and again["probe"] == results["probe"]
+    assert "## Gradient error" in out["docs"].read_text()
