@@ -23,11 +23,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from records import Recorder  # noqa: E402
-from timing import peak_memory_bytes, retained_memory_bytes, saved_activation_bytes, time_fn  # noqa: E402
+from timing import peak_memory_bytes, retained_memory_bytes, time_fn  # noqa: E402
 
 import mecefo_kernels as mk  # noqa: E402
 from mecefo.presets import get_preset  # noqa: E402
 from mecefo_kernels import backend as mk_backend  # noqa: E402
+from mecefo_kernels.memory import SavedTensors  # noqa: E402
 from mecefo_kernels.ops.swiglu_ffn import swiglu_bwd, swiglu_fwd  # noqa: E402
 
 MODES = ("fwd", "bwd", "full")
@@ -253,7 +254,9 @@ def run_case(case: Case, config: str, modes: list[str], device: torch.device, re
               f"{t.p20_ms:>9.3f}{t.p80_ms:>9.3f}{(gbps or 0):>8.1f}{'' if peak is None else f'{peak / 2**20:.1f}':>10}")
     memory = []
     if case.forward is not None and case.saved_exclude is not None:
-        saved = saved_activation_bytes(case.forward, case.saved_exclude) / 2**20
+        with SavedTensors(exclude=case.saved_exclude) as meter:
+            case.forward()
+        saved = meter.bytes / 2**20
         record("fwd", "saved_activations", "MiB", saved)
         memory.append(f"saved for backward {saved:.2f} MiB")
     if case.forward is not None:

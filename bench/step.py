@@ -35,9 +35,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from records import Recorder  # noqa: E402
-from timing import Timing, peak_memory_bytes, saved_tensor_bytes, time_fn  # noqa: E402
+from timing import Timing, peak_memory_bytes, time_fn  # noqa: E402
 
 import mecefo_kernels as mk  # noqa: E402
+from mecefo_kernels.memory import SavedTensors  # noqa: E402
 from mecefo.presets import ModelPreset, get_preset  # noqa: E402
 
 
@@ -155,7 +156,9 @@ class Workload:
         first = self.micro_batch_inputs(sc)[0]
         own = (*self.module.parameters(), *self.module.buffers())
         with mk.neighbor_mode(self.module, enabled=sc.neighbor):
-            return saved_tensor_bytes(lambda: self.forward(first), exclude=own)
+            with SavedTensors(exclude=own) as meter:
+                self.forward(first)
+            return meter.bytes
 
 
 def build_model(preset: ModelPreset, layers: int, rank, dtype, device):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -57,25 +57,6 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, warmup_ms: float 
     return Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8))
 
 
-def saved_activation_bytes(forward: Callable[[], object], exclude: Iterable[torch.Tensor]) -> int:
-    """Bytes of the distinct storages autograd saves for backward while `forward()` runs, leaving
-    out `exclude`'s storages (parameters, bases). Works on any device. Blind to what
-    torch.utils.checkpoint keeps (its own saved-tensor hooks take precedence over these)."""
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in skip:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = forward()
-    del out
-    return sum(storages.values())
-
-
 def retained_memory_bytes(forward: Callable[[], object], device: torch.device) -> int | None:
     """CUDA memory still allocated when `forward()` returns, its output alive: the output plus
     everything kept for backward, whoever keeps it (checkpoint included). None on CPU."""
@@ -102,23 +83,3 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int | N
     fn()
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) - base
-
-
-def saved_tensor_bytes(fn: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) -> int:
-    """Bytes of the distinct storages autograd saves for backward while fn runs (any device).
-
-    Tensors sharing a storage count once; storages of `exclude` (parameters, buffers) are not
-    activations and do not count. Run only the forward in fn: the count is what the backward
-    will need, i.e. the activation memory a micro-batch holds at the end of its forward."""
-    excluded = {t.untyped_storage().data_ptr() for t in exclude}
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in excluded:
-            storages[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
