@@ -83,3 +83,24 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int | N
     fn()
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) - base
+
+
+@dataclass(frozen=True)
+class Ceilings:
+    """What this device reaches in the same run: a large matrix product and a large copy."""
+
+    tflops: float  # dense matmul, in the benchmark's dtype
+    gbps: float  # device-to-device copy, bytes read + bytes written
+
+
+def measure_ceilings(device: torch.device, dtype: torch.dtype) -> Ceilings:
+    """Measured ceilings to report achieved TFLOP/s and GB/s against (random data, never zeros: zeros
+    run faster on some GPUs). GPU: an 8192^3 product and a 1 GiB copy; CPU: 1024^3 and 64 MiB."""
+    n, copy_bytes = (8192, 2**30) if device.type == "cuda" else (1024, 2**26)
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    mm = time_fn(lambda: torch.mm(a, b), device, rep_ms=200)
+    del a, b
+    src = torch.randn(copy_bytes // 4, device=device)
+    dst = torch.empty_like(src)
+    copy = time_fn(lambda: dst.copy_(src), device, rep_ms=200)
+    return Ceilings(tflops=2 * n**3 / (mm.median_ms * 1e-3) / 1e12, gbps=2 * copy_bytes / (copy.median_ms * 1e-3) / 1e9)
