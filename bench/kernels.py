@@ -8,6 +8,11 @@ Times are medians with p20/p80 (triton.testing.do_bench on GPU, wall clock on CP
 row also goes to bench/results/results.csv. On CPU only the ratios between providers of
 the same run mean anything. Memory: activations saved for backward (saved_tensors_hooks,
 any device) and, on GPU, memory held after forward and peak memory per call.
+
+Derived rates, against ceilings measured at the start of the same run (a large matrix product
+and a large copy, bench/timing.measure_ceilings): TFLOP/s for the matmul ops (the matmul FLOPs
+each provider executes, recomputation included; bench/flops.py) and GB/s for the memory-bound
+ones (RMSNorm, the elementwise SwiGLU), each also as a fraction of its ceiling.
 """
 
 from __future__ import annotations
@@ -22,12 +27,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from flops import attention_forward_flops, ffn_backward_flops, ffn_forward_flops, linear_flops  # noqa: E402
+from flops import lowrank_weight_grad_flops  # noqa: E402
 from records import Recorder  # noqa: E402
-from timing import peak_memory_bytes, retained_memory_bytes, saved_activation_bytes, time_fn  # noqa: E402
+from timing import Ceilings, Timing, measure_ceilings, peak_memory_bytes, retained_memory_bytes, time_fn  # noqa: E402
 
 import mecefo_kernels as mk  # noqa: E402
 from mecefo.presets import get_preset  # noqa: E402
 from mecefo_kernels import backend as mk_backend  # noqa: E402
+from mecefo_kernels.memory import SavedTensors  # noqa: E402
 from mecefo_kernels.ops.swiglu_ffn import swiglu_bwd, swiglu_fwd  # noqa: E402
 
 MODES = ("fwd", "bwd", "full")
@@ -42,6 +50,7 @@ class Case:
     config: str
     make: Callable[[str], Callable[[], object]]  # mode -> closure
     bytes_moved: Callable[[str], float] | None = None  # mode -> bytes, for GB/s
+    flops: Callable[[str], float] | None = None  # mode -> matmul FLOPs executed, for TFLOP/s
     modes: tuple[str, ...] = MODES
     forward: Callable[[], object] | None = None  # one differentiable forward, for the memory metrics
     saved_exclude: tuple[torch.Tensor, ...] | None = None  # parameters and bases; None: hooks cannot see
@@ -52,6 +61,10 @@ def live_providers(family: str, device: torch.device) -> list[str]:
     """Implementations to benchmark: live ones, triton only on real GPUs (the interpreter is no benchmark)."""
     return [impl for impl, status in mk_backend.explain(family, device.type).items()
             if status.ok and (impl != "triton" or device.type == "cuda")]
+
+
+def mode_flops(fwd: float, bwd: float) -> Callable[[str], float]:
+    return lambda mode: {"fwd": fwd, "bwd": bwd, "full": fwd + bwd}[mode]
 
 
 def autograd_make(fn: Callable[[], torch.Tensor], inputs: tuple[torch.Tensor, ...], dy: torch.Tensor):
@@ -75,7 +88,7 @@ def rmsnorm_cases(tokens: int, hidden: int, dtype: torch.dtype, device: torch.de
         h = a.float()
         return b * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(a.dtype)
 
-    providers: dict[str, Callable] = {"eager": eager}
+    providers: dict[str, Callable] = {"eager": eager, "compiled-eager": torch.compile(eager)}
     for impl in live_providers("rmsnorm", device):
         providers[f"mecefo-{impl}"] = lambda a, b, impl=impl: mk.rms_norm(a, b, backend=impl)
     config = f"T={tokens},d={hidden}"
@@ -137,28 +150,33 @@ def swiglu_ffn_cases(tokens: int, hidden: int, ffn: int, dtype: torch.dtype, dev
     inputs = (x, norm_weight, *weights)
     params = (norm_weight, *weights, *bases)
 
-    providers: dict[str, tuple[Callable, bool]] = {}  # name -> (fn(*inputs), saved tensors visible to hooks)
+    fwd = ffn_forward_flops(tokens, hidden, ffn)
+    exact = mode_flops(fwd, ffn_backward_flops(tokens, hidden, ffn))
+    neighbour = mode_flops(fwd, ffn_backward_flops(tokens, hidden, ffn, (rank, rank, rank)))
+    # name -> (fn(*inputs), saved tensors visible to hooks, FLOPs executed per mode)
+    providers: dict[str, tuple[Callable, bool, Callable[[str], float]]] = {}
     for impl in live_providers("swiglu_ffn", device):
         providers[f"mecefo-{impl}-neighbour-r{rank}"] = (
             lambda x, n, g, u, d, impl=impl: mk.swiglu_ffn(x, g, u, d, norm_weight=n, recompute=True, bases=bases,
-                                                             backend=impl), True)
+                                                             backend=impl), True, neighbour)
         providers[f"mecefo-{impl}-exact"] = (
-            lambda x, n, g, u, d, impl=impl: mk.swiglu_ffn(x, g, u, d, norm_weight=n, backend=impl), True)
-    providers["eager"] = (llama_mlp, True)
-    providers["eager-checkpoint"] = (
-        lambda *args: torch.utils.checkpoint.checkpoint(llama_mlp, *args, use_reentrant=False), False)
-    providers["compiled-eager"] = (torch.compile(llama_mlp), True)
+            lambda x, n, g, u, d, impl=impl: mk.swiglu_ffn(x, g, u, d, norm_weight=n, backend=impl), True, exact)
+    providers["eager"] = (llama_mlp, True, exact)
+    providers["eager-checkpoint"] = (  # its backward runs the forward again
+        lambda *args: torch.utils.checkpoint.checkpoint(llama_mlp, *args, use_reentrant=False), False,
+        mode_flops(fwd, fwd + ffn_backward_flops(tokens, hidden, ffn)))
+    providers["compiled-eager"] = (torch.compile(llama_mlp), True, exact)
     liger = liger_mlp()
     if liger is not None:
-        providers["liger"] = (liger, True)
+        providers["liger"] = (liger, True, exact)
 
     config = f"T={tokens},d={hidden},h={ffn}"
     cases = []
-    for name, (fn, hooks_see_it) in providers.items():
+    for name, (fn, hooks_see_it, flops) in providers.items():
         def forward(fn=fn):
             return fn(*inputs)
         cases.append(Case("swiglu_ffn", name, config, autograd_make(forward, inputs, dy), forward=forward,
-                          saved_exclude=params if hooks_see_it else None))
+                          saved_exclude=params if hooks_see_it else None, flops=flops))
     return cases
 
 
@@ -172,7 +190,7 @@ def swiglu_cases(tokens: int, ffn: int, dtype: torch.dtype, device: torch.device
     def eager_bwd():  # what autograd runs for silu(a) * u: da = dp u silu'(a), du = dp silu(a)
         return torch.ops.aten.silu_backward(dp * u, a), dp * torch.nn.functional.silu(a)
 
-    providers = {"eager": (eager_fwd, eager_bwd)}
+    providers = {"eager": (eager_fwd, eager_bwd), "compiled-eager": (torch.compile(eager_fwd), torch.compile(eager_bwd))}
     for impl in live_providers("swiglu_ffn", device):
         providers[f"mecefo-{impl}"] = (lambda impl=impl: swiglu_fwd(impl, a, u),
                                        lambda impl=impl: swiglu_bwd(impl, dp, a, u))
@@ -192,11 +210,15 @@ def lowrank_linear_cases(tokens: int, hidden: int, ffn: int, dtype: torch.dtype,
     weight = (torch.randn(ffn, hidden, device=device, dtype=dtype) / hidden**0.5).requires_grad_()
     basis = mk.lowrank_basis(weight, rank)
     dy = torch.randn(tokens, ffn, device=device, dtype=dtype)
-    providers: dict[str, Callable] = {"eager": lambda: torch.nn.functional.linear(x, weight)}
+    one = linear_flops(tokens, ffn, hidden)
+    providers: dict[str, tuple[Callable, Callable[[str], float]]] = {
+        "eager": (lambda: torch.nn.functional.linear(x, weight), mode_flops(one, 2 * one))}
     for impl in live_providers("lowrank", device):
-        providers[f"mecefo-{impl}-r{rank}"] = lambda impl=impl: mk.lowrank_linear(x, weight, basis, backend=impl)
+        providers[f"mecefo-{impl}-r{rank}"] = (
+            lambda impl=impl: mk.lowrank_linear(x, weight, basis, backend=impl),
+            mode_flops(one, one + lowrank_weight_grad_flops(tokens, ffn, hidden, rank)))
     return [Case("lowrank_linear", name, f"T={tokens},in={hidden},out={ffn}", autograd_make(fn, (x, weight), dy),
-                 forward=fn, saved_exclude=(weight, basis)) for name, fn in providers.items()]
+                 forward=fn, saved_exclude=(weight, basis), flops=flops) for name, (fn, flops) in providers.items()]
 
 
 def lowrank_basis_cases(hidden: int, ffn: int, device: torch.device) -> list[Case]:
@@ -219,6 +241,41 @@ def lowrank_basis_cases(hidden: int, ffn: int, device: torch.device) -> list[Cas
     return cases
 
 
+def residual_skip_cases(preset, tokens: int, dtype: torch.dtype, device: torch.device) -> list[Case]:
+    """The attention half of a decoder block, h = x + MHA(RMSNorm1(x)) (transformers' LLaMA modules, SDPA):
+    a normal rank's (full backward: input and weight gradients) against mecefo_kernels.residual_skip, a
+    neighbour's (attention forward-only, dL/dx = dL/dh, nothing saved)."""
+    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRMSNorm, LlamaRotaryEmbedding
+
+    config = preset.to_llama_config(attn_implementation="sdpa")
+    seq = min(tokens, preset.max_seq_len)
+    batch = tokens // seq
+    with torch.device(device):
+        attention = LlamaAttention(config, layer_idx=0).to(dtype)
+        norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps).to(dtype)
+        rotary = LlamaRotaryEmbedding(config)
+    x = torch.randn(batch, seq, config.hidden_size, device=device, dtype=dtype, requires_grad=True)
+    positions = rotary(x, torch.arange(seq, device=device)[None])
+    params = (*attention.parameters(), *norm.parameters())
+    dy = torch.randn_like(x)
+
+    def branch(h):
+        return attention(norm(h), position_embeddings=positions, attention_mask=None)[0]
+
+    def normal():
+        return x + branch(x)
+
+    def neighbour():
+        return mk.residual_skip(x, branch)
+
+    fwd = attention_forward_flops(batch, seq, config.hidden_size, config.num_key_value_heads * preset.head_dim)
+    name = f"B={batch},S={seq},d={config.hidden_size}"
+    return [Case("residual_skip", "eager", name, autograd_make(normal, (x, *params), dy), forward=normal,
+                 saved_exclude=params, flops=mode_flops(fwd, 2 * fwd)),
+            Case("residual_skip", "mecefo-residual_skip", name, autograd_make(neighbour, (x,), dy), forward=neighbour,
+                 saved_exclude=params, flops=mode_flops(fwd, 0))]
+
+
 OPS = {
     "rmsnorm": lambda preset, tokens, dtype, device: rmsnorm_cases(tokens, preset.hidden_size, dtype, device),
     "swiglu_ffn": lambda preset, tokens, dtype, device: swiglu_ffn_cases(
@@ -228,13 +285,19 @@ OPS = {
         tokens, preset.hidden_size, preset.intermediate_size, dtype, device),
     "lowrank_basis": lambda preset, tokens, dtype, device: lowrank_basis_cases(
         preset.hidden_size, preset.intermediate_size, device),
+    "residual_skip": residual_skip_cases,
 }
 # lowrank_basis does not depend on the token count: run it once per preset.
 TOKEN_FREE = {"lowrank_basis"}
 
 
+def rate_quantiles(amount: float, t: Timing, scale: float) -> tuple[float, float, float]:
+    """amount / time as (median, p20, p80) in units of `scale` per second (p20 of a rate is at p80 of time)."""
+    return tuple(amount / (ms * 1e-3) / scale for ms in (t.median_ms, t.p80_ms, t.p20_ms))
+
+
 def run_case(case: Case, config: str, modes: list[str], device: torch.device, recorder: Recorder,
-             rep_ms: float) -> None:
+             rep_ms: float, ceilings: Ceilings) -> None:
     def record(mode, metric, unit, median, p20=None, p80=None):
         recorder.add(benchmark=f"kernels/{case.op}", provider=case.provider, mode=mode, config=config,
                      metric=metric, unit=unit, median=median, p20=p20, p80=p80)
@@ -243,17 +306,27 @@ def run_case(case: Case, config: str, modes: list[str], device: torch.device, re
         fn = case.make(mode)
         t = time_fn(fn, device, rep_ms=rep_ms)
         peak = peak_memory_bytes(fn, device)
-        gbps = case.bytes_moved(mode) / (t.median_ms * 1e-3) / 1e9 if case.bytes_moved else None
         record(mode, "time", "ms", t.median_ms, t.p20_ms, t.p80_ms)
-        if gbps is not None:
-            record(mode, "bandwidth", "GB/s", gbps)
+        rate = ""
+        if case.bytes_moved:
+            gbps = rate_quantiles(case.bytes_moved(mode), t, 1e9)
+            record(mode, "bandwidth", "GB/s", *gbps)
+            record(mode, "bandwidth_of_ceiling", "fraction", gbps[0] / ceilings.gbps)
+            rate = f"{gbps[0]:.1f} GB/s ({gbps[0] / ceilings.gbps:.0%})"
+        if case.flops and case.flops(mode):
+            tflops = rate_quantiles(case.flops(mode), t, 1e12)
+            record(mode, "tflops", "TFLOP/s", *tflops)
+            record(mode, "tflops_of_ceiling", "fraction", tflops[0] / ceilings.tflops)
+            rate = f"{tflops[0]:.3g} TFLOP/s ({tflops[0] / ceilings.tflops:.0%})"
         if peak is not None:
             record(mode, "peak_memory", "MiB", peak / 2**20)
         print(f"{case.op:<15}{case.provider:<30}{case.config:<26}{mode:<6}{t.median_ms:>11.3f}"
-              f"{t.p20_ms:>9.3f}{t.p80_ms:>9.3f}{(gbps or 0):>8.1f}{'' if peak is None else f'{peak / 2**20:.1f}':>10}")
+              f"{t.p20_ms:>9.3f}{t.p80_ms:>9.3f}{rate:>24}{'' if peak is None else f'{peak / 2**20:.1f}':>10}")
     memory = []
     if case.forward is not None and case.saved_exclude is not None:
-        saved = saved_activation_bytes(case.forward, case.saved_exclude) / 2**20
+        with SavedTensors(exclude=case.saved_exclude) as meter:
+            case.forward()
+        saved = meter.bytes / 2**20
         record("fwd", "saved_activations", "MiB", saved)
         memory.append(f"saved for backward {saved:.2f} MiB")
     if case.forward is not None:
@@ -285,16 +358,22 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if cuda else "cpu")
     dtype = getattr(torch, args.dtype)
     recorder = Recorder(device, **({"path": args.csv} if args.csv else {}))
-    print(f"# kernels on {recorder.env['device']}, {args.dtype}")
-    print(f"{'op':<15}{'provider':<30}{'config':<26}{'mode':<6}{'median ms':>11}{'p20':>9}{'p80':>9}{'GB/s':>8}"
-          f"{'peak MiB':>10}")
+    ceilings = measure_ceilings(device, dtype)
+    for metric, unit, value, what in (("tflops", "TFLOP/s", ceilings.tflops, "torch.mm"),
+                                      ("bandwidth", "GB/s", ceilings.gbps, "copy")):
+        recorder.add(benchmark="kernels/ceiling", provider=what, mode="-", config=args.dtype, metric=metric, unit=unit,
+                     median=value)
+    print(f"# kernels on {recorder.env['device']}, {args.dtype}; ceilings: matmul {ceilings.tflops:.3g} TFLOP/s, "
+          f"copy {ceilings.gbps:.1f} GB/s")
+    print(f"{'op':<15}{'provider':<30}{'config':<26}{'mode':<6}{'median ms':>11}{'p20':>9}{'p80':>9}"
+          f"{'rate (of ceiling)':>24}{'peak MiB':>10}")
     for op in args.ops:
         for preset_name in args.presets:
             preset = get_preset(preset_name)
             for tokens in args.tokens[:1] if op in TOKEN_FREE else args.tokens:
                 for case in OPS[op](preset, tokens, dtype, device):
                     run_case(case, f"{preset_name}:{case.config}", [m for m in args.modes if m in case.modes],
-                             device, recorder, args.rep_ms)
+                             device, recorder, args.rep_ms, ceilings)
     if not args.no_save:
         print(f"appended {len(recorder.rows)} rows to {recorder.save()}")
     return 0

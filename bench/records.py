@@ -59,10 +59,12 @@ class Recorder:
         self.rows: list[dict] = []
 
     def add(self, *, benchmark: str, provider: str, mode: str, config: str, metric: str, unit: str,
-            median: float, p20: float | None = None, p80: float | None = None) -> dict:
+            median: float, p20: float | None = None, p80: float | None = None, device: str | None = None) -> dict:
+        """One row; `device` names the machine the numbers describe when it is not this one (a
+        simulation from another device's rows, figures quoted from a paper)."""
         row = {"benchmark": benchmark, "provider": provider, "mode": mode, "config": config, "metric": metric,
                "unit": unit, "median": f"{median:.6g}", "p20": "" if p20 is None else f"{p20:.6g}",
-               "p80": "" if p80 is None else f"{p80:.6g}", **self.env,
+               "p80": "" if p80 is None else f"{p80:.6g}", **self.env, **({"device": device} if device else {}),
                "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
         self.rows.append(row)
         return row

@@ -34,12 +34,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from flops import attention_forward_flops, ffn_forward_flops, ffn_backward_flops  # noqa: E402
 from records import Recorder  # noqa: E402
-from timing import Timing, peak_memory_bytes, saved_tensor_bytes, time_fn  # noqa: E402
+from timing import Timing, peak_memory_bytes, time_fn  # noqa: E402
 
 import mecefo_kernels as mk  # noqa: E402
+from mecefo_kernels.memory import SavedTensors  # noqa: E402
 from mecefo.presets import ModelPreset, get_preset  # noqa: E402
-
 
 
 @dataclass(frozen=True)
@@ -80,10 +81,7 @@ class Shape:
 
 def layer_forward_flops(s: Shape, batch: int) -> float:
     """Matmul FLOPs of one decoder layer's forward: projections, causal attention (half of S^2), SwiGLU."""
-    t = batch * s.seq
-    projections = 2 * t * s.d * (2 * s.d + 2 * s.kv)
-    attention = 2 * batch * s.seq ** 2 * s.d  # QK^T and PV, each 2*B*S^2*d, halved by the causal mask
-    return projections + attention + 6 * t * s.d * s.h
+    return attention_forward_flops(batch, s.seq, s.d, s.kv) + ffn_forward_flops(batch * s.seq, s.d, s.h)
 
 
 def layer_flops(s: Shape, neighbor: bool, batch: int) -> float:
@@ -92,12 +90,7 @@ def layer_flops(s: Shape, neighbor: bool, batch: int) -> float:
     f = layer_forward_flops(s, batch)
     if not neighbor:
         return 3 * f
-    t = batch * s.seq
-    recompute = 4 * t * s.d * s.h
-    input_grads = 6 * t * s.d * s.h
-    lowrank = sum(2 * t * r * i + 2 * t * r * o + 2 * r * o * i
-                  for (o, i), r in zip(((s.h, s.d), (s.h, s.d), (s.d, s.h)), s.ranks))
-    return f + recompute + input_grads + lowrank
+    return f + ffn_backward_flops(batch * s.seq, s.d, s.h, s.ranks)
 
 
 def micro_batch_flops(s: Shape, scope: str, neighbor: bool, batch: int) -> float:
@@ -155,7 +148,9 @@ class Workload:
         first = self.micro_batch_inputs(sc)[0]
         own = (*self.module.parameters(), *self.module.buffers())
         with mk.neighbor_mode(self.module, enabled=sc.neighbor):
-            return saved_tensor_bytes(lambda: self.forward(first), exclude=own)
+            with SavedTensors(exclude=own) as meter:
+                self.forward(first)
+            return meter.bytes
 
 
 def build_model(preset: ModelPreset, layers: int, rank, dtype, device):
@@ -269,21 +264,36 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def release_after_oom(grads_to_none: list[torch.Tensor]) -> None:
+    for t in grads_to_none:
+        t.grad = None
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def interleaved_times(fns: dict[str, Callable[[], None]], device, rep_ms: float, rounds: int,
-                      grads_to_none: list[torch.Tensor]) -> dict[str, Timing]:
+                      grads_to_none: list[torch.Tensor]) -> dict[str, Timing | None]:
     """time_fn over the scenarios in round-robin, `rounds` times: on a shared CPU, load that comes and
-    goes then hits every scenario alike. Median and p20/p80 are over the rounds' medians."""
+    goes then hits every scenario alike. Median and p20/p80 are over the rounds' medians. A scenario
+    that runs out of memory (exact Neighbor-Do-Both at the large presets) gets None."""
     medians: dict[str, list[float]] = {name: [] for name in fns}
+    out_of_memory: set[str] = set()
     for _ in range(rounds):
         for name, fn in fns.items():
+            if name in out_of_memory:
+                continue
             for t in grads_to_none:
                 t.grad = None
-            medians[name].append(time_fn(fn, device, rep_ms=rep_ms / rounds, grad_to_none=grads_to_none).median_ms)
-    out = {}
+            try:
+                medians[name].append(time_fn(fn, device, rep_ms=rep_ms / rounds, grad_to_none=grads_to_none).median_ms)
+            except torch.OutOfMemoryError:
+                out_of_memory.add(name)
+                release_after_oom(grads_to_none)
+    out: dict[str, Timing | None] = {}
     for name, values in medians.items():
         values.sort()
-        out[name] = Timing(statistics.median(values), values[int(0.2 * (len(values) - 1))],
-                           values[round(0.8 * (len(values) - 1))])
+        out[name] = None if name in out_of_memory else Timing(
+            statistics.median(values), values[int(0.2 * (len(values) - 1))], values[round(0.8 * (len(values) - 1))])
     return out
 
 
@@ -296,8 +306,16 @@ def measure(recorder, work: Workload, shape: Shape, scope: str, config: str, sce
     for name, fn in fns.items():
         for t in grads_to_none:
             t.grad = None
-        peak = peak_memory_bytes(fn, device)
-        results[name] = (timings[name], peak, work.saved_bytes(name), floor_flops(shape, scope, name))
+        try:
+            if timings[name] is None:
+                raise torch.OutOfMemoryError(f"{name} ran out of memory while timed")
+            results[name] = (timings[name], peak_memory_bytes(fn, device), work.saved_bytes(name),
+                             floor_flops(shape, scope, name))
+        except torch.OutOfMemoryError:
+            release_after_oom(grads_to_none)
+            recorder.add(benchmark=f"step/{scope}", provider="mecefo", mode=name, config=config, metric="out_of_memory",
+                         unit="bool", median=1)
+            print(f"{config:<34}{scope:<7}{name:<19}{'out of memory':>10}")
     base = results.get("normal")
     for name, (timing, peak, saved, floor) in results.items():
         def add(metric, unit, value, **quantiles):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -57,25 +57,6 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, warmup_ms: float 
     return Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8))
 
 
-def saved_activation_bytes(forward: Callable[[], object], exclude: Iterable[torch.Tensor]) -> int:
-    """Bytes of the distinct storages autograd saves for backward while `forward()` runs, leaving
-    out `exclude`'s storages (parameters, bases). Works on any device. Blind to what
-    torch.utils.checkpoint keeps (its own saved-tensor hooks take precedence over these)."""
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in skip:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = forward()
-    del out
-    return sum(storages.values())
-
-
 def retained_memory_bytes(forward: Callable[[], object], device: torch.device) -> int | None:
     """CUDA memory still allocated when `forward()` returns, its output alive: the output plus
     everything kept for backward, whoever keeps it (checkpoint included). None on CPU."""
@@ -104,21 +85,22 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int | N
     return torch.cuda.max_memory_allocated(device) - base
 
 
-def saved_tensor_bytes(fn: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) -> int:
-    """Bytes of the distinct storages autograd saves for backward while fn runs (any device).
+@dataclass(frozen=True)
+class Ceilings:
+    """What this device reaches in the same run: a large matrix product and a large copy."""
 
-    Tensors sharing a storage count once; storages of `exclude` (parameters, buffers) are not
-    activations and do not count. Run only the forward in fn: the count is what the backward
-    will need, i.e. the activation memory a micro-batch holds at the end of its forward."""
-    excluded = {t.untyped_storage().data_ptr() for t in exclude}
-    storages: dict[int, int] = {}
+    tflops: float  # dense matmul, in the benchmark's dtype
+    gbps: float  # device-to-device copy, bytes read + bytes written
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in excluded:
-            storages[ptr] = t.untyped_storage().nbytes()
-        return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
+def measure_ceilings(device: torch.device, dtype: torch.dtype) -> Ceilings:
+    """Measured ceilings to report achieved TFLOP/s and GB/s against (random data, never zeros: zeros
+    run faster on some GPUs). GPU: an 8192^3 product and a 1 GiB copy; CPU: 1024^3 and 64 MiB."""
+    n, copy_bytes = (8192, 2**30) if device.type == "cuda" else (1024, 2**26)
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    mm = time_fn(lambda: torch.mm(a, b), device, rep_ms=200)
+    del a, b
+    src = torch.randn(copy_bytes // 4, device=device)
+    dst = torch.empty_like(src)
+    copy = time_fn(lambda: dst.copy_(src), device, rep_ms=200)
+    return Ceilings(tflops=2 * n**3 / (mm.median_ms * 1e-3) / 1e12, gbps=2 * copy_bytes / (copy.median_ms * 1e-3) / 1e9)

@@ -102,11 +102,31 @@ def _load_extension():
     return module, ""
 
 
+_MISSING_COMPILED_OPS: set[str] = set()
+
+
+def compiled_op_available(qualname: str) -> bool:
+    """Whether the loaded ``_C`` defines ``qualname`` (e.g. "mecefo::swiglu_fwd"). A missing op
+    means ``_C`` was built from older sources: the whole extension is then reported stale
+    rather than half-used, and import still works."""
+    if _load_extension()[0] is None:
+        return False
+    namespace, name = qualname.split("::")
+    if not hasattr(getattr(torch.ops, namespace), name):
+        _MISSING_COMPILED_OPS.add(qualname)
+        return False
+    return True
+
+
 def extension_status(device_type: str) -> Availability:
     """Whether the compiled ops can serve tensors on ``device_type`` ("cpu" or "cuda")."""
     module, reason = _load_extension()
     if module is None:
         return Availability(False, reason)
+    if _MISSING_COMPILED_OPS:
+        return Availability(False, "mecefo_kernels._C is out of date (built from older sources; it lacks "
+                                   f"{', '.join(sorted(_MISSING_COMPILED_OPS))}): rebuild it with "
+                                   "`pip install --no-build-isolation -e .` (or `make venv`)")
     if device_type == "cpu":
         return Availability(True, "compiled C++ CPU kernels")
     if device_type == "cuda":

@@ -48,20 +48,3 @@ def non_contiguous(t: torch.Tensor) -> torch.Tensor:
     view = wide[..., ::2]
     assert not view.is_contiguous()
     return view
-
-
-def saved_activation_bytes(forward, exclude) -> tuple[int, object]:
-    """(bytes of the distinct storages autograd saves while forward() runs, leaving out the
-    storages of `exclude` (parameters, bases), forward's result)."""
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
-    storages = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in skip:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = forward()
-    return sum(storages.values()), out

@@ -10,18 +10,15 @@ from collections.abc import Callable
 
 import torch
 
-from ..backend import _load_extension
-
-
-def loaded() -> bool:
-    return _load_extension()[0] is not None
+from ..backend import compiled_op_available
 
 
 def register_fake(qualname: str) -> Callable:
-    """Decorator: register a fake impl for ``mecefo::<name>`` if the library loaded, else a no-op."""
+    """Decorator: register a fake impl for ``mecefo::<name>`` if the loaded library defines it,
+    else a no-op (no library, or a stale one: the backend then reports why)."""
 
     def wrap(fn: Callable) -> Callable:
-        if loaded():
+        if compiled_op_available(qualname):
             torch.library.register_fake(qualname)(fn)
         return fn
 

@@ -7,6 +7,7 @@ import torch
 from numerics import DTYPES, assert_close, devices, live_implementations, non_contiguous
 
 import mecefo_kernels as mk
+from mecefo_kernels.memory import SavedTensors
 
 
 def lowrank_f64(x, weight, basis, bias, dy):
@@ -195,19 +196,16 @@ def test_lowrank_linear_saves_xv_not_x(device):
     weight = torch.randn(80, 48, device=device, requires_grad=True)
     basis = mk.lowrank_basis(weight, 6)
     for impl in live_implementations("lowrank", device):
-        saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with SavedTensors(exclude=(weight, basis)) as saved:
             y = mk.lowrank_linear(x, weight, basis, backend=impl)
-        activations = [t for t in saved if t.untyped_storage().data_ptr() not in
-                       {weight.untyped_storage().data_ptr(), basis.untyped_storage().data_ptr()}]
-        assert [tuple(t.shape) for t in activations] == [(36, 6)], f"{impl}: saved {[t.shape for t in saved]}"
+        assert [tuple(t.shape) for t in saved.activations] == [(36, 6)], \
+            f"{impl}: saved {[t.shape for t in saved.tensors]}"
         y.sum().backward()
         assert basis.grad is None and x.grad is not None and weight.grad is not None
         x.grad = weight.grad = None
-        saved.clear()
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with SavedTensors() as saved:
             mk.lowrank_linear(x.detach(), weight.detach(), basis, backend=impl)
-        assert saved == [], f"{impl}: saved tensors for a call that needs no gradient"
+        assert saved.tensors == [], f"{impl}: saved tensors for a call that needs no gradient"
 
 
 def test_bad_inputs_name_the_argument():

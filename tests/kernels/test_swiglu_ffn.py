@@ -3,9 +3,10 @@ every gradient, exact and low-rank, with and without recompute; saved activation
 
 import pytest
 import torch
-from numerics import DTYPES, assert_close, devices, live_implementations, non_contiguous, saved_activation_bytes
+from numerics import DTYPES, assert_close, devices, live_implementations, non_contiguous
 
 import mecefo_kernels as mk
+from mecefo_kernels.memory import SavedTensors
 
 EPS = 1e-6
 
@@ -179,9 +180,10 @@ def test_recompute_saves_only_x(device, norm):
     for impl in live_implementations("swiglu_ffn", device):
         for bases_arg in (None, bases):
             def run(recompute):
-                return saved_activation_bytes(
-                    lambda: mk.swiglu_ffn(x, w_gate, w_up, w_down, norm_weight=norm_weight, recompute=recompute,
-                                          bases=bases_arg, backend=impl), params + list(bases))
+                with SavedTensors(exclude=params + list(bases)) as saved:
+                    y = mk.swiglu_ffn(x, w_gate, w_up, w_down, norm_weight=norm_weight, recompute=recompute,
+                                      bases=bases_arg, backend=impl)
+                return saved.bytes, y
             saved, y = run(True)
             assert saved <= x_bytes + 4 * t, f"{impl}: recompute=True saved {saved} bytes, x has {x_bytes}"
             y.sum().backward()  # the saved set suffices

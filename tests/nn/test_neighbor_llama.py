@@ -18,6 +18,7 @@ import torch
 from numerics import assert_close, devices
 
 import mecefo_kernels as mk
+from mecefo_kernels.memory import SavedTensors
 
 pytest.importorskip("transformers")
 
@@ -167,18 +168,9 @@ def test_backward_follows_the_mode_of_the_forward():
 def saved_activation_bytes(model, ids, mode):
     """Bytes of distinct tensor storages saved for backward by a forward + loss run under the context
     manager `mode`, the model's parameters and buffers excluded."""
-    own = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-    storages = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in own:
-            storages[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with mode, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with mode, SavedTensors(exclude=(*model.parameters(), *model.buffers())) as saved:
         model(input_ids=ids, labels=ids).loss.backward()
-    return sum(storages.values())
+    return saved.bytes
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION)

@@ -80,3 +80,31 @@ def test_failed_build_is_an_error_when_required(tmp_path):
     proc = build_wheel(src, tmp_path / "wheels", MECEFO_REQUIRE_EXT="1")
     assert proc.returncode != 0
     assert "this is not C++" in proc.stdout + proc.stderr
+
+
+STALE = """
+import torch
+from mecefo_kernels import backend
+import mecefo_kernels as mk
+if backend._load_extension()[0] is None:
+    print("no-extension")
+    raise SystemExit(0)
+# what importing newer Python sources against an older _C looks like: an op they expect is missing
+assert not backend.compiled_op_available("mecefo::op_from_the_future")
+assert backend.resolve("rmsnorm", "cpu", "auto") == "torch"
+try:
+    mk.rms_norm(torch.randn(2, 4), torch.ones(4), backend="cpu")
+except mk.BackendUnavailableError as exc:
+    print(exc)
+"""
+
+
+def test_a_stale_extension_is_reported_not_half_used(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", STALE], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    if "no-extension" in proc.stdout:
+        pytest.skip("mecefo_kernels._C is not built here")
+    assert "out of date" in proc.stdout and "mecefo::op_from_the_future" in proc.stdout, proc.stdout

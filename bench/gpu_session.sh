@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# One GPU session in one device call (<= 10 min): build, check, benchmark, simulate, plot.
+#
+#   bash bench/gpu_session.sh              # on the H100/H200 machine (device tool: run, timeout_s 600)
+#   bash bench/gpu_session.sh --dry-run    # here, on CPU: the same stages at toy sizes, nothing built
+#
+# Installs nothing: the GPU image has torch 2.11+cu130, triton 3.6, nvcc 13.0, transformers,
+# pytest (see /work/.library/device/KINDS.md). Stages, each with its own time limit inside one
+# overall budget; a failed or timed-out stage is reported and the next one runs:
+#
+#   env       nvidia-smi, versions
+#   build     pip install --no-build-isolation --no-deps -e . with MECEFO_REQUIRE_EXT=1 (sm_90 only)
+#   info      python -m mecefo_kernels.info
+#   tests     tests/kernels and tests/nn (CUDA paths, native Triton)
+#   kernels   bench/kernels.py, one op per run (a timeout loses one op's rows, not all), bf16
+#   step      bench/step.py at llama-350m, llama-1b and a 4-layer llama-7b slice, seq 2048, bf16
+#   cluster   bench/cluster.py simulate from this GPU's step rows (the trainer's restart, detection
+#             and heal costs come from the committed CPU rows: torchft is not on the GPU image)
+#   plot      bench/plot.py for this GPU
+#
+# Output under $OUT (the device tool returns at most 8 files): gpu_rows.csv (the rows this session
+# added: append them to bench/results/results.csv), summary.txt (stage status and the tables),
+# logs.tar.gz (every stage's full log), kernels_*.png, step_*.png, cluster_*.png.
+
+set -u -o pipefail
+
+DRY_RUN=0
+[ "${1:-}" = "--dry-run" ] && DRY_RUN=1
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+OUT="${OUT:-/tmp/mecefo-gpu-session}"
+WORK="$(mktemp -d /tmp/mecefo-gpu-work.XXXXXX)"
+LOGS="$WORK/logs"
+mkdir -p "$OUT" "$LOGS"
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
+BUDGET_S="${BUDGET_S:-570}"  # the device call allows 600 s; keep some for packing the results
+DEADLINE=$((SECONDS + BUDGET_S))
+
+if [ "$DRY_RUN" = 1 ]; then
+    PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
+else
+    PYTHON="${PYTHON:-python3}"
+fi
+# the sources importable even if the build stage fails (mecefo_kernels then runs without _C)
+export PYTHONPATH="$ROOT:$ROOT/python${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+
+# One results file for the session: the committed rows (the cluster stage reads the trainer's
+# costs from them) plus this session's, which are cut out at the end.
+CSV="$WORK/results.csv"
+cp bench/results/results.csv "$CSV"
+BASE_LINES=$(wc -l < "$CSV")
+
+STATUS="$WORK/status.txt"
+: > "$STATUS"
+
+# run_stage NAME LIMIT_S COMMAND...: runs COMMAND under `timeout`, its output to the stage's log
+# (and the log's tail to stdout), records ok / FAILED / TIMEOUT / SKIPPED, never stops the script.
+run_stage() {
+    local name="$1" limit="$2"
+    shift 2
+    local left=$((DEADLINE - SECONDS))
+    if [ "$left" -lt 15 ]; then
+        printf '%-22s %-18s %6s\n' "$name" "SKIPPED (budget)" "-" >> "$STATUS"
+        return 0
+    fi
+    [ "$limit" -gt "$left" ] && limit="$left"
+    local start=$SECONDS
+    echo "=== $name (limit ${limit} s): $*"
+    timeout --kill-after=10 "$limit" "$@" > "$LOGS/$name.log" 2>&1
+    local rc=$?
+    local status="ok"
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+        status="TIMEOUT"
+    elif [ "$rc" -ne 0 ]; then
+        status="FAILED (rc $rc)"
+    fi
+    printf '%-22s %-18s %5ds\n' "$name" "$status" $((SECONDS - start)) >> "$STATUS"
+    tail -n 15 "$LOGS/$name.log"
+    return 0
+}
+
+if [ "$DRY_RUN" = 1 ]; then
+    KERNEL_PRESETS=(tiny); KERNEL_TOKENS=(256); BASIS_PRESETS=(tiny); KERNEL_REP_MS=5
+    STEP_PRESETS=(tiny); STEP_SEQ=32; STEP_ARGS=(--rep-ms 10 --rounds 1 --scopes block step)
+    CLUSTER_ARGS=(--hours 50 --seeds 2)
+    TESTS=(tests/kernels/test_memory.py)
+else
+    KERNEL_PRESETS=(llama-350m llama-1b llama-7b); KERNEL_TOKENS=(8192); BASIS_PRESETS=(llama-1b llama-7b)
+    KERNEL_REP_MS=50
+    STEP_PRESETS=(llama-350m llama-1b llama-7b); STEP_SEQ=2048; STEP_ARGS=()
+    CLUSTER_ARGS=()
+    TESTS=(tests/kernels tests/nn)
+fi
+
+run_stage env 30 bash -c "nvidia-smi || echo 'no nvidia-smi (dry run?)'; nvcc --version || true; \
+  $PYTHON -c 'import torch, triton, sys; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"gpu\", torch.cuda.get_device_name() if torch.cuda.is_available() else None); print(\"triton\", triton.__version__)'"
+
+if [ "$DRY_RUN" = 1 ]; then
+    run_stage build 10 echo "dry run: would run MECEFO_REQUIRE_EXT=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16" \
+        "$PYTHON -m pip install --no-build-isolation --no-deps -e ."
+else
+    run_stage build 200 env MECEFO_REQUIRE_EXT=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 \
+        "$PYTHON" -m pip install --no-build-isolation --no-deps --no-cache-dir -e .
+fi
+run_stage info 30 "$PYTHON" -m mecefo_kernels.info
+run_stage tests 150 "$PYTHON" -m pytest -q -p no:cacheprovider --timeout 120 "${TESTS[@]}"
+
+for op in rmsnorm swiglu swiglu_ffn lowrank_linear residual_skip; do
+    run_stage "kernels-$op" 60 "$PYTHON" bench/kernels.py --csv "$CSV" --ops "$op" --presets "${KERNEL_PRESETS[@]}" \
+        --tokens "${KERNEL_TOKENS[@]}" --rep-ms "$KERNEL_REP_MS"
+done
+run_stage kernels-lowrank_basis 40 "$PYTHON" bench/kernels.py --csv "$CSV" --ops lowrank_basis \
+    --presets "${BASIS_PRESETS[@]}" --rep-ms "$KERNEL_REP_MS"
+
+for preset in "${STEP_PRESETS[@]}"; do
+    run_stage "step-$preset" 60 "$PYTHON" bench/step.py --csv "$CSV" --presets "$preset" --seq "$STEP_SEQ" \
+        ${STEP_ARGS[@]+"${STEP_ARGS[@]}"}
+done
+
+if [ "$DRY_RUN" = 1 ]; then
+    DEVICE_MATCH="cpu"
+else
+    DEVICE_MATCH="$("$PYTHON" -c 'import torch; print(torch.cuda.get_device_name())' 2>/dev/null || echo cuda)"
+fi
+run_stage cluster 60 "$PYTHON" bench/cluster.py --csv "$CSV" simulate --device "$DEVICE_MATCH" \
+    --presets "${STEP_PRESETS[@]}" --seq "$STEP_SEQ" ${CLUSTER_ARGS[@]+"${CLUSTER_ARGS[@]}"}
+run_stage plot 30 "$PYTHON" bench/plot.py --csv "$CSV" --device "$DEVICE_MATCH" --out "$WORK/charts"
+
+# ---- results: this session's rows, charts, logs, and a summary whose end is what the tool shows
+tail -n +"$((BASE_LINES + 1))" "$CSV" > "$WORK/new_rows.csv"
+{ head -n 1 "$CSV"; cat "$WORK/new_rows.csv"; } > "$OUT/gpu_rows.csv"
+cp "$WORK"/charts/*.png "$OUT"/ 2>/dev/null
+tar -czf "$OUT/logs.tar.gz" -C "$WORK" logs status.txt
+{
+    echo "# mecefo_kernels GPU session ($( [ "$DRY_RUN" = 1 ] && echo 'DRY RUN, CPU' || echo "$DEVICE_MATCH" ))," \
+         "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), $(date -u +%FT%TZ)"
+    echo "# $(wc -l < "$WORK/new_rows.csv") new rows in gpu_rows.csv; append them to bench/results/results.csv"
+    for name in tests cluster; do
+        [ -f "$LOGS/$name.log" ] && { echo; echo "## $name (log tail)"; tail -n 30 "$LOGS/$name.log"; }
+    done
+    [ -f "$LOGS/step-llama-1b.log" ] && { echo; echo "## step llama-1b"; grep -E "^llama-1b" "$LOGS/step-llama-1b.log"; }
+    echo
+    echo "## stages"
+    cat "$STATUS"
+} > "$SUMMARY"
+cat "$SUMMARY"
+failed=$(grep -cvE '^\S+ +ok ' "$STATUS")
+echo "# $failed stage(s) not ok; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
+rm -rf "$WORK"
+exit 0
