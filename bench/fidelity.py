@@ -655,10 +655,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--ranks must include the default rank {rank_label(DEFAULT_RANK)}")
     if profile.device == "cuda" and not torch.cuda.is_available():
         parser.error("profile gpu needs a CUDA device; this machine has none")
-    suffix = "" if profile.name == "cpu" else f"-{profile.name}"
-    work = args.work_dir or REPO / "runs" / f"fidelity-{profile.name}"
+    # another model preset gets its own runs, page, JSON and figures instead of replacing the profile's
+    variant = profile.name if args.preset is None else f"{profile.name}-{args.preset}"
+    suffix = "" if variant == "cpu" else f"-{variant}"
+    work = args.work_dir or REPO / "runs" / f"fidelity-{variant}"
     docs = args.docs or REPO / "docs" / f"fidelity{suffix}.md"
-    results_json = args.json or REPO / "bench" / "results" / f"fidelity_{profile.name}.json"
+    results_json = args.json or REPO / "bench" / "results" / f"fidelity_{variant}.json"
     figures_dir = docs.parent / "fidelity"
     cache = args.cache_dir
     recorder = Recorder(torch.device("cuda" if profile.device == "cuda" else "cpu"),
@@ -684,11 +686,12 @@ def main(argv: list[str] | None = None) -> int:
 
     figures = {}
     if "quality" in results:
-        figures["quality"] = plot_quality(results["quality"], figures_dir / f"{profile.name}_quality.png")
+        figures["quality"] = plot_quality(results["quality"], figures_dir / f"{variant}_quality.png")
     if "probe" in results:
-        figures["probe"] = plot_probe(profile, results["probe"], figures_dir / f"{profile.name}_probe.png")
+        figures["probe"] = plot_probe(profile, results["probe"], figures_dir / f"{variant}_probe.png")
     rel = {k: str(v.relative_to(docs.parent)) for k, v in figures.items()}
-    command = "python bench/fidelity.py" + ("" if profile.name == "cpu" else f" --profile {profile.name}")
+    command = "python bench/fidelity.py" + ("" if profile.name == "cpu" else f" --profile {profile.name}") + (
+        "" if args.preset is None else f" --preset {args.preset}")
     results_json.parent.mkdir(parents=True, exist_ok=True)
     results_json.write_text(json.dumps(results, indent=1) + "\n")
     docs.parent.mkdir(parents=True, exist_ok=True)
