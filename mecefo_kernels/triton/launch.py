@@ -73,6 +73,27 @@ def mma(a, b, acc, DOT_MODE: tl.constexpr):
 
 
 @triton.jit
+def tile_dot(A, B, offs_m, offs_n, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, DOT_MODE: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A [M, K] @ B [K, N] for the [BLOCK_M, BLOCK_N] tile at offs_m x offs_n, any strides, in fp32.
+    B is rounded to A's dtype in registers (a float32 basis against bf16 activations)."""
+    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)  # k x stride stays in 64 bits for transposed views
+    a_ptrs = A + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = B + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+    m_mask = offs_m[:, None] < M
+    n_mask = offs_n[None, :] < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=m_mask & (offs_k[None, :] < k_left), other=0.0)
+        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & n_mask, other=0.0).to(A.dtype.element_ty)
+        acc = mma(a, b, acc, DOT_MODE)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    return acc
+
+
+@triton.jit
 def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """(pid_m, pid_n) of this program over an [M, N] output, GROUP_M row tiles at a time so
     that programs running together share their A rows and B columns in L2."""

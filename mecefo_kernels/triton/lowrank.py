@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import autotune_configs, check_dtype, dot_mode, grouped_tile, mma, tile_grid
+from .launch import autotune_configs, check_dtype, dot_mode, grouped_tile, tile_dot, tile_grid
 
 
 def _tile(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
@@ -44,21 +44,10 @@ def _matmul_kernel(A, B, C, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
     pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
-    a_ptrs = A + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = B + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
-    m_mask = offs_m[:, None] < M
-    n_mask = offs_n[None, :] < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=m_mask & (offs_k[None, :] < k_left), other=0.0)
-        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & n_mask, other=0.0).to(A.dtype.element_ty)
-        acc = mma(a, b, acc, DOT_MODE)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+    acc = tile_dot(A, B, offs_m, offs_n, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, DOT_MODE, BLOCK_M,
+                   BLOCK_N, BLOCK_K)
     tl.store(C + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn, acc.to(C.dtype.element_ty),
-             mask=m_mask & n_mask)
+             mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import autotune_configs, check_dtype, dot_mode, elementwise_block, grouped_tile, mma, tile_grid
+from .launch import autotune_configs, check_dtype, dot_mode, elementwise_block, grouped_tile, mma, tile_dot, tile_grid
 
 
 @triton.jit
@@ -194,24 +194,13 @@ def _gate_up_swiglu_bwd_kernel(Z, WG, WU, DY, WD, DA, DU, P, M, N, K, K_OUT, str
                              DOT_MODE, BLOCK_M, BLOCK_N, BLOCK_K)
     # dp = dy Wd over the output features: Wd is [K_OUT, N], so its [BLOCK_K, BLOCK_N] tiles
     # are read along contiguous rows.
-    offs_k = tl.arange(0, BLOCK_K)
-    dy_ptrs = DY + offs_m[:, None] * stride_dym + offs_k[None, :] * stride_dyk
-    wd_ptrs = WD + offs_k[:, None] * stride_wdk + offs_n[None, :] * stride_wdn
-    m_mask = offs_m[:, None] < M
-    n_mask = offs_n[None, :] < N
-    acc_dp = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K_OUT, BLOCK_K)):
-        k_left = K_OUT - k * BLOCK_K
-        dy = tl.load(dy_ptrs, mask=m_mask & (offs_k[None, :] < k_left), other=0.0)
-        wd = tl.load(wd_ptrs, mask=(offs_k[:, None] < k_left) & n_mask, other=0.0)
-        acc_dp = mma(dy, wd, acc_dp, DOT_MODE)
-        dy_ptrs += BLOCK_K * stride_dyk
-        wd_ptrs += BLOCK_K * stride_wdk
+    acc_dp = tile_dot(DY, WD, offs_m, offs_n, M, N, K_OUT, stride_dym, stride_dyk, stride_wdk, stride_wdn, DOT_MODE,
+                      BLOCK_M, BLOCK_N, BLOCK_K)
     out_ty = P.dtype.element_ty
     da, du, p = swiglu_grads_math(acc_dp.to(out_ty).to(tl.float32), acc_a.to(out_ty).to(tl.float32),
                                   acc_u.to(out_ty).to(tl.float32))
     offs = offs_m[:, None] * N + offs_n[None, :]
-    mask = m_mask & n_mask
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     tl.store(DA + offs, da.to(out_ty), mask=mask)
     tl.store(DU + offs, du.to(out_ty), mask=mask)
     tl.store(P + offs, p.to(out_ty), mask=mask)
