@@ -1,6 +1,6 @@
 """Training fidelity under failures: does MeCeFO keep the model as good as failure-free training?
 
-    python bench/fidelity.py                  # CPU profile, every part (~50 min on 2 shared cores): writes
+    python bench/fidelity.py                  # CPU profile, every part (~75 min on 2 shared cores): writes
                                               #   docs/fidelity.md, docs/fidelity/cpu_*.png,
                                               #   bench/results/fidelity_cpu.json and rows in results.csv
     python bench/fidelity.py --parts probe    # one part; finished runs in --work-dir are reused
@@ -12,6 +12,9 @@ Parts (each trains with the real trainer, ``mecefo.launch.launch``: one process 
            standard library's sources) with no failures, then under the paper's low / mid / high
            failure schedules with the mecefo, ndb-exact and shrink policies. Final validation loss
            and perplexity, their change against no failures, loss curves.
+  seeds    the high-schedule comparison (no failure, each policy) repeated with other seeds (new
+           weights, data order and failure pattern each): the changes as mean +- sd, so that a
+           difference can be told from seed-to-seed noise.
   probe    the gradient-error probe (:mod:`mecefo.probe`) on the no-failure run's checkpoints:
            at every ``probe_every`` steps, the relative error of MeCeFO's step gradient and of one
            neighbour shard's gradient against the exact ones, total and per group (attention, FFN,
@@ -59,7 +62,7 @@ from mecefo.report import read_metrics, step_series  # noqa: E402
 from mecefo.replica import CORPUS_FILE  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-PARTS = ("quality", "probe", "sweep")
+PARTS = ("quality", "seeds", "probe", "sweep")
 POLICIES = ("mecefo", "ndb-exact", "shrink")
 SCHEDULES = ("low", "mid", "high")
 PAPER_REPLICAS = 32
@@ -125,10 +128,11 @@ def parse_rank(text: str) -> float:
 
 def train_config(profile: Profile, run_dir: Path, *, cache_dir: str | None, failures: str | None = None,
                  policy: str = "mecefo", rank: float | None = None, tau: int | None = None,
-                 checkpoint_every: int = 0) -> TrainConfig:
+                 checkpoint_every: int = 0, seed: int = 0) -> TrainConfig:
+    """``seed`` draws the initial weights, the data order and the failure schedule."""
     steps = profile.steps
     return TrainConfig(
-        run_dir=str(run_dir), preset=profile.preset, device=profile.device, seed=0, seq_len=profile.seq_len,
+        run_dir=str(run_dir), preset=profile.preset, device=profile.device, seed=seed, seq_len=profile.seq_len,
         micro_batch=profile.micro_batch, replicas=profile.replicas, steps=steps, policy=policy,
         rank=rank, tau=tau, lr=profile.lr, warmup=profile.warmup, failures=failures, schedule_hours=SCHEDULE_HOURS,
         checkpoint_every=checkpoint_every, keep_checkpoints=steps // max(checkpoint_every, 1) + 1,
@@ -220,6 +224,42 @@ def quality(profile: Profile, work: Path, cache_dir: str | None, schedules, poli
             "policies": list(policies)}
 
 
+SEED_RUN_KEYS = ("val_loss", "val_ppl", "ppl_change_pct", "failed_fraction", "steps_under_failure", "max_dead",
+                 "train_s")
+
+
+def seeds(profile: Profile, work: Path, cache_dir: str | None, schedule: str, policies, seed_list) -> dict:
+    """The quality comparison under ``schedule`` repeated with other seeds.
+
+    A seed draws the initial weights, the data order and the failure pattern; within one seed every
+    policy sees the same three, so the per-seed change against no failure is a paired difference.
+    Seed 0 is the quality part's runs (same directories, reused)."""
+    label = schedule_label(schedule)
+    print(f"[seeds] {label} schedule, seeds {list(seed_list)}: no failure and {', '.join(policies)}", flush=True)
+    per_seed = {}
+    for seed in seed_list:
+        base = work if seed == 0 else work / f"seed{seed}"
+        ref_cfg = (reference_config(profile, work, cache_dir) if seed == 0
+                   else train_config(profile, base / "none", cache_dir=cache_dir, seed=seed))
+        reference = train(ref_cfg, f"seed {seed}: no failure")
+        runs = {"none": {k: reference[k] for k in ("val_loss", "val_ppl", "train_s")}}
+        for policy in policies:
+            cfg = train_config(profile, base / f"{label}-{policy}", cache_dir=cache_dir,
+                               failures=schedule_spec(schedule), policy=policy, seed=seed)
+            run = with_change(train(cfg, f"seed {seed}: {label} / {policy}"), reference)
+            runs[policy] = {k: run[k] for k in SEED_RUN_KEYS}
+        per_seed[str(seed)] = runs
+    return {"schedule": label, "policies": list(policies), "seeds": list(seed_list), "runs": per_seed}
+
+
+def mean_sd(values) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    values = list(values)
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+    return mean, var ** 0.5
+
+
 def sweep(profile: Profile, work: Path, cache_dir: str | None, schedule: str) -> dict:
     """mecefo under ``schedule`` with each rank (tau default) and each tau (rank default)."""
     print(f"[sweep] mecefo under {schedule}: ranks {[rank_label(r) for r in profile.ranks]}, taus {profile.taus}",
@@ -292,7 +332,7 @@ def probe(profile: Profile, work: Path, cache_dir: str | None, schedule: str, th
                 for name, plan in plans.items():
                     r = compare(exact[name], {s: neighbour[s] for s in neighbour_run_shards(plan)}, groups)
                     rows.append({"step": t, "plan": name, "rank": rank, "age": age, "step_error": r.step,
-                                 "shard_error": r.shard_mean()})
+                                 "shard_error": r.shard_mean(), "shrink_error": r.shrink})
         print(f"  step {t}: {sum(1 for r in rows if r['step'] == t)} probes", flush=True)
     print(f"  probe took {time.time() - t0:.0f} s", flush=True)
     return {"plans": list(plans), "plan_details": {k: p.describe() for k, p in plans.items()}, "ages": list(ages),
@@ -392,6 +432,9 @@ def plot_probe(profile: Profile, result: dict, out: Path) -> Path:
         for g in ("total", *GROUPS):
             ax_t.plot([r["step"] for r in rows], [r["step_error"][g] for r in rows], styles[g], color=colors[plan],
                       marker="o", ms=3, label=f"{plan}: {g}" if plan == plan0 or g == "total" else None)
+        if all("shrink_error" in r for r in rows):
+            ax_t.plot([r["step"] for r in rows], [r["shrink_error"]["total"] for r in rows], "-", color=colors[plan],
+                      lw=3, alpha=0.3, label=f"{plan}: shrink's gradient, total")
     ax_t.set_title(f"step gradient error through training (rank {rank_label(DEFAULT_RANK)}, fresh bases)")
     ax_t.set_xlabel("step")
     ranks = result["ranks"]
@@ -465,6 +508,44 @@ def render_quality(profile: Profile, q: dict, figure: str) -> list[str]:
     return lines
 
 
+def render_seeds(sd: dict) -> list[str]:
+    policies, seed_keys = sd["policies"], [str(s) for s in sd["seeds"]]
+    runs = sd["runs"]
+    compare_shrink = {"mecefo", "shrink"} <= set(policies)
+    lines = [f"## Seed to seed ({sd['schedule']} schedule)", "",
+             f"The {sd['schedule']} comparison repeated with {len(seed_keys)} seeds. A seed draws the initial weights, "
+             "the data order and the failure pattern; within a seed every policy shares them, so each change against "
+             "that seed's no-failure run is a paired difference. ndb-exact applies the exact full-batch gradient: its "
+             "spread is what float rounding alone does to a run.", ""]
+    header = ["seed", "replicas down (mean)", "steps with a failure", "most down at once", "no-failure ppl",
+              *[f"{p} vs no failure" for p in policies]] + (["mecefo - shrink"] if compare_shrink else [])
+    rows = []
+    for key in seed_keys:
+        first = runs[key][policies[0]]
+        cells = [key, f"{100 * first['failed_fraction']:.1f}%", str(first["steps_under_failure"]), str(first["max_dead"]),
+                 f"{runs[key]['none']['val_ppl']:.4f}", *[_pct(runs[key][p]["ppl_change_pct"]) for p in policies]]
+        if compare_shrink:
+            cells.append(_pct(runs[key]["mecefo"]["ppl_change_pct"] - runs[key]["shrink"]["ppl_change_pct"]))
+        rows.append(cells)
+    stats = {p: mean_sd(runs[k][p]["ppl_change_pct"] for k in seed_keys) for p in policies}
+    diff = mean_sd(runs[k]["mecefo"]["ppl_change_pct"] - runs[k]["shrink"]["ppl_change_pct"]
+                   for k in seed_keys) if compare_shrink else None
+    rows.append(["mean ± sd", "", "", "", "", *[f"{_pct(m)} ± {s:.2f}" for m, s in stats.values()]]
+                + ([f"{_pct(diff[0])} ± {diff[1]:.2f}"] if diff else []))
+    lines += _table(header, rows) + [""]
+    if "mecefo" in policies:
+        m, s = stats["mecefo"]
+        lines += [f"Targets (issue 7) over the {len(seed_keys)} seeds:", "",
+                  f"- within {PPL_TARGET_PCT}% of no failure: **{'met' if m + s <= PPL_TARGET_PCT else 'missed'}** "
+                  f"(mecefo {_pct(m)} ± {s:.2f}, mean ± sd; met means mean + sd <= {PPL_TARGET_PCT}%)"]
+        if compare_shrink:
+            wins = sum(runs[k]["mecefo"]["val_ppl"] < runs[k]["shrink"]["val_ppl"] for k in seed_keys)
+            lines.append(f"- better than shrink on the same failures: **{'met' if wins == len(seed_keys) else 'missed'}** "
+                         f"(mecefo lower in {wins} of {len(seed_keys)} seeds)")
+        lines.append("")
+    return lines
+
+
 def render_probe(profile: Profile, p: dict, figure: str) -> list[str]:
     plan0 = p["plans"][0]
     age = default_age(profile)
@@ -483,8 +564,11 @@ def render_probe(profile: Profile, p: dict, figure: str) -> list[str]:
              f"Plans: {'; '.join(f'{k}: {v}' for k, v in p['plan_details'].items())}.", "",
              f"### Through training, default rank {rank_label(DEFAULT_RANK)}, bases up to {age} steps old", ""]
     rows = []
+    kinds = [("step_error", "step"), ("shard_error", "neighbour shard")]
+    if all("shrink_error" in r for r in p["rows"]):  # results stored before the shrink yardstick lack it
+        kinds.append(("shrink_error", "step, shrink"))
     for plan in p["plans"]:
-        for kind, what in (("step_error", "step"), ("shard_error", "neighbour shard")):
+        for kind, what in kinds:
             if kind == "shard_error" and plan != plan0:
                 continue  # the shard error does not depend on the plan
             worst = probe_summary(p, kind, max, plan=plan, rank=DEFAULT_RANK)
@@ -495,7 +579,11 @@ def render_probe(profile: Profile, p: dict, figure: str) -> list[str]:
     default_rows = [r for r in p["rows"] if r["rank"] == DEFAULT_RANK and r["age"] <= age]
     over = sorted({(r["plan"], g) for r in default_rows for g in ("total", *GROUPS) if r["step_error"][g] >= ERROR_BOUND})
     lines += ["", "Means over the probed steps with fresh bases; maxima over every probed step and bases age "
-              f"up to {age} steps.", "",
+              f"up to {age} steps." + (" **step, shrink**: the error of the gradient policy shrink applies under the "
+              "same plan and weights (each live replica's own shard, exact, averaged over the live replicas): "
+              "unbiased but from fewer shards; where it is below MeCeFO's step error, dropping the dead shards "
+              "gives the optimizer a better gradient than covering them in neighbour mode." if len(kinds) > 2 else ""),
+              "",
               f"Step-gradient error below {ERROR_BOUND} at every probed step, every group, default rank and tau: "
               + ("**yes**" if not over else "**no**: " + ", ".join(f"{pl} ({g})" for pl, g in over)), "",
               f"![gradient error]({figure})", "", "### Rank and bases age", "",
@@ -542,11 +630,13 @@ def part_costs(results: dict) -> str:
         return [part["reference"], *runs.values()] if isinstance(runs, dict) else list(runs)
 
     costs = []
-    for part in ("quality", "sweep"):
+    for part in ("quality", "seeds", "sweep"):
         if part in results:
-            runs = runs_of(results[part])
+            runs = (runs_of(results[part]) if part != "seeds" else
+                    [r for seed, by_policy in results[part]["runs"].items() if seed != "0" for r in by_policy.values()])
             if all("train_s" in r for r in runs):
-                costs.append(f"{part} {len(runs)} training runs, {sum(r['train_s'] for r in runs) / 60:.1f} min")
+                more = " more" if part == "seeds" else ""  # seed 0 is the quality part's
+                costs.append(f"{part} {len(runs)}{more} training runs, {sum(r['train_s'] for r in runs) / 60:.1f} min")
     if "probe" in results and "probe" in results.get("seconds", {}):
         costs.append(f"probe {results['seconds']['probe'] / 60:.1f} min")
     return "; ".join(costs) or "not recorded"
@@ -568,6 +658,8 @@ def render(profile: Profile, results: dict, figures: dict[str, str], command: st
     lines += [f"Cost on this machine: {part_costs(results)}.", ""]
     if "quality" in results:
         lines += render_quality(profile, results["quality"], figures["quality"])
+    if "seeds" in results:
+        lines += render_seeds(results["seeds"])
     if "probe" in results:
         lines += render_probe(profile, results["probe"], figures["probe"])
     if "sweep" in results:
@@ -602,6 +694,19 @@ def record(recorder: Recorder, profile: Profile, results: dict, parts) -> None:
                         recorder.add(benchmark="fidelity/probe", provider=f"rank {rank_label(rank)}",
                                      mode=plan if kind == "step_error" else "neighbour shard", config=config,
                                      metric=f"{kind}_{g}", unit="relative", median=mean[g], p80=worst[g])
+            if all("shrink_error" in r for r in p["rows"]):
+                mean = probe_summary(p, "shrink_error", _mean, plan=plan, rank=DEFAULT_RANK, age=0)
+                worst = probe_summary(p, "shrink_error", max, plan=plan, rank=DEFAULT_RANK, age=0)
+                for g in ("total", *GROUPS):
+                    recorder.add(benchmark="fidelity/probe", provider="shrink", mode=plan, config=config,
+                                 metric=f"step_error_{g}", unit="relative", median=mean[g], p80=worst[g])
+    if "seeds" in parts:
+        sd = results["seeds"]
+        for seed, by_policy in sd["runs"].items():
+            for policy, run in by_policy.items():
+                if policy != "none":
+                    recorder.add(benchmark="fidelity/seeds", provider=policy, mode=f"{sd['schedule']},seed={seed}",
+                                 config=config, metric="val_ppl_change", unit="%", median=run["ppl_change_pct"])
     if "sweep" in parts:
         for run in results["sweep"]["runs"]:
             recorder.add(benchmark="fidelity/sweep", provider=f"rank {rank_label(run['rank'])}",
@@ -620,6 +725,23 @@ def setup_info(profile: Profile, work: Path, cache_dir: str | None, recorder: Re
             "parameters": get_preset(profile.preset).num_parameters(), "profile": asdict(profile)}
 
 
+def regenerate_command(parser: argparse.ArgumentParser, args: argparse.Namespace, profile: Profile,
+                       parts: list[str]) -> str:
+    """The command that regenerates the page: the options that differ from their defaults (paths left out)."""
+    words = ["python bench/fidelity.py"]
+    if profile.name != "cpu":
+        words.append(f"--profile {profile.name}")
+    if args.preset is not None:
+        words.append(f"--preset {args.preset}")
+    if parts != list(PARTS):
+        words.append("--parts " + " ".join(parts))
+    for name in ("schedules", "policies", "seeds"):
+        value = getattr(args, name)
+        if value != parser.get_default(name):
+            words.append(f"--{name} " + " ".join(map(str, value)))
+    return " ".join(words)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
@@ -627,7 +749,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--schedules", nargs="+", default=list(SCHEDULES),
                         help="low, mid, high, or schedule files ('REPLICA START END' lines)")
     parser.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
-    parser.add_argument("--sweep-schedule", default="high", help="the schedule of the sweep and the probe's worst plan")
+    parser.add_argument("--sweep-schedule", default="high",
+                        help="the schedule of the seeds and sweep parts and of the probe's worst plan")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4],
+                        help="seeds of the seeds part (0: the quality part's runs)")
     parser.add_argument("--ranks", nargs="+", type=parse_rank, help="probed and trained ranks (e.g. 1/32 1.0)")
     parser.add_argument("--taus", nargs="+", type=int, help="trained taus, probed as bases ages")
     for name in ("steps", "replicas", "seq_len", "micro_batch", "eval_every", "eval_batches", "checkpoint_every",
@@ -677,6 +802,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         if part == "quality":
             results["quality"] = quality(profile, work, cache, args.schedules, args.policies)
+        elif part == "seeds":
+            results["seeds"] = seeds(profile, work, cache, args.sweep_schedule, args.policies, args.seeds)
         elif part == "probe":
             results["probe"] = probe(profile, work, cache, args.sweep_schedule, args.threads)
         else:
@@ -690,8 +817,7 @@ def main(argv: list[str] | None = None) -> int:
     if "probe" in results:
         figures["probe"] = plot_probe(profile, results["probe"], figures_dir / f"{variant}_probe.png")
     rel = {k: str(v.relative_to(docs.parent)) for k, v in figures.items()}
-    command = "python bench/fidelity.py" + ("" if profile.name == "cpu" else f" --profile {profile.name}") + (
-        "" if args.preset is None else f" --preset {args.preset}")
+    command = regenerate_command(parser, args, profile, [p for p in PARTS if p in results])
     results_json.parent.mkdir(parents=True, exist_ok=True)
     results_json.write_text(json.dumps(results, indent=1) + "\n")
     docs.parent.mkdir(parents=True, exist_ok=True)

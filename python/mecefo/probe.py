@@ -29,6 +29,9 @@ Reported (:class:`ProbeResult`):
 * ``step``: ``||Ĝ - G|| / ||G||`` over all parameters ("total") and per group ("attention",
   "ffn": the gate/up/down projections, "other": embeddings, norms outside attention, LM head).
   This is the error of the gradient the optimizer sees, the quantity the theorem bounds.
+* ``shrink``: the step error of what policy shrink applies at the same weights under the same
+  plan: every live replica's own shard, exact, averaged over |live| (the dead shards dropped).
+  Unbiased but from a smaller batch; the yardstick MeCeFO's biased full-batch estimate has to beat.
 * ``shards``: for each shard run in neighbour mode, ``||ĝ_s - g_s|| / ||g_s||`` total and per
   group: the error of one neighbour micro-batch on its own. Its attention part is 1 by
   construction (no gradient at all); the FFN part holds both approximations, the low-rank
@@ -145,6 +148,19 @@ def mecefo_step_gradient(exact: ExactGradients, neighbour: dict[int, Gradients],
     return out
 
 
+def shrink_step_gradient(exact: ExactGradients) -> Gradients:
+    """What policy shrink applies under the same plan: (1/|live|) sum over live replicas r of g_r."""
+    plan = exact.plan
+    live = normalisers(plan, "shrink").rest
+    out = {}
+    for name, g in exact.step_gradient.items():
+        summed = exact.non_neighbour_sum.get(name, torch.zeros_like(g)).clone()
+        for r in plan.neighbours:  # a neighbour's own shard is shard r
+            summed += exact.neighbour_shards[r][name]
+        out[name] = summed / live
+    return out
+
+
 def relative_errors(approx: Gradients, exact: Gradients, groups: dict[str, str]) -> dict[str, float]:
     """||approx - exact|| / ||exact|| over all parameters ("total") and per group; missing approx = 0.
 
@@ -166,6 +182,7 @@ def relative_errors(approx: Gradients, exact: Gradients, groups: dict[str, str])
 class ProbeResult:
     step: dict[str, float]  # relative error of the step gradient, total and per group
     shards: dict[int, dict[str, float]] = field(default_factory=dict)  # per neighbour-run shard
+    shrink: dict[str, float] = field(default_factory=dict)  # shrink's step gradient, same weights and plan
 
     def shard_mean(self) -> dict[str, float]:
         """The per-shard errors averaged over the shards run in neighbour mode."""
@@ -177,7 +194,8 @@ def compare(exact: ExactGradients, neighbour: dict[int, Gradients], groups: dict
     """The step-level and per-shard relative errors of one MeCeFO variant against the exact gradients."""
     step = relative_errors(mecefo_step_gradient(exact, neighbour, groups), exact.step_gradient, groups)
     shards = {s: relative_errors(neighbour[s], exact.neighbour_shards[s], groups) for s in sorted(neighbour)}
-    return ProbeResult(step, shards)
+    shrink = relative_errors(shrink_step_gradient(exact), exact.step_gradient, groups)
+    return ProbeResult(step, shards, shrink)
 
 
 def probe(model: torch.nn.Module, path: MeCeFOPath, batches, step: int, plan: StepPlan) -> ProbeResult:

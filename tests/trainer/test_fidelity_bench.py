@@ -35,7 +35,7 @@ def fidelity_run(tmp_path_factory, corpus_cache):
     out = dict(docs=tmp / "docs" / "fidelity.md", json=tmp / "fidelity.json", csv=tmp / "results.csv")
     argv = ["--steps", "10", "--replicas", "3", "--seq-len", "16", "--micro-batch", "2", "--eval-every", "5",
             "--eval-batches", "2", "--checkpoint-every", "5", "--probe-every", "5", "--taus", "5",
-            "--ranks", "1/32", "--schedules", str(schedule), "--policies", "mecefo", "shrink",
+            "--ranks", "1/32", "--schedules", str(schedule), "--policies", "mecefo", "shrink", "--seeds", "0", "1",
             "--sweep-schedule", str(schedule), "--threads", "1", "--work-dir", str(tmp / "runs"),
             "--cache-dir", str(corpus_cache)] + [a for k, v in out.items() for a in (f"--{k}", str(v))]
     assert fidelity.main(argv) == 0
@@ -74,6 +74,7 @@ def test_probe_reads_the_probed_weights_and_bases_of_the_right_age(fidelity_run)
     [row] = [r for r in p["rows"] if (r["step"], r["age"], r["rank"], r["plan"]) == (10, 5, 1 / 32, "1 of 3 dead")]
     assert row["step_error"] == pytest.approx(want.step, rel=1e-6)
     assert row["shard_error"] == pytest.approx(want.shard_mean(), rel=1e-6)
+    assert row["shrink_error"] == pytest.approx(want.shrink, rel=1e-6)
     assert set(p["plans"]) == {"1 of 3 dead", "1 of 32 dead", "2 of 3 dead (failures.txt schedule's worst)"}
 
 
@@ -90,7 +91,29 @@ def test_sweep_reuses_the_default_run_and_the_page_lists_everything(fidelity_run
     assert (out["docs"].parent / "fidelity" / "cpu_quality.png").stat().st_size > 10_000
     assert (out["docs"].parent / "fidelity" / "cpu_probe.png").stat().st_size > 10_000
     rows = list(csv.DictReader(out["csv"].open()))
-    assert {r["benchmark"] for r in rows} == {"fidelity/quality", "fidelity/probe", "fidelity/sweep"}
+    assert {r["benchmark"] for r in rows} == {"fidelity/quality", "fidelity/seeds", "fidelity/probe", "fidelity/sweep"}
+
+
+def test_seeds_pair_each_seeds_runs_with_its_own_reference(fidelity_run):
+    tmp, out, results, _ = fidelity_run
+    sd = results["seeds"]
+    assert sd["seeds"] == [0, 1] and set(sd["runs"]) == {"0", "1"}
+    q = results["quality"]
+    for policy in ("mecefo", "shrink"):  # seed 0 is the quality part's run
+        assert sd["runs"]["0"][policy]["val_ppl"] == q["runs"][f"failures.txt/{policy}"]["val_ppl"]
+    one = sd["runs"]["1"]
+    assert one["none"]["val_ppl"] != sd["runs"]["0"]["none"]["val_ppl"]  # other weights and data
+    for policy in ("mecefo", "shrink"):
+        assert one[policy]["ppl_change_pct"] == pytest.approx(100 * (one[policy]["val_ppl"] / one["none"]["val_ppl"] - 1))
+    assert TrainConfig.load(tmp / "runs" / "seed1" / "failures.txt-mecefo" / "config.json").seed == 1
+    changes = [sd["runs"][k]["mecefo"]["ppl_change_pct"] for k in ("0", "1")]
+    mean, spread = sum(changes) / 2, abs(changes[0] - changes[1]) / 2 ** 0.5
+    page = out["docs"].read_text()
+    assert "## Seed to seed (failures.txt schedule)" in page
+    assert f"| mean ± sd |  |  |  |  | {mean:+.2f}% ± {spread:.2f} |" in page
+    rows = [r for r in csv.DictReader(out["csv"].open()) if r["benchmark"] == "fidelity/seeds"]
+    assert {(r["provider"], r["mode"]) for r in rows} == {(p, f"failures.txt,seed={k}") for p in ("mecefo", "shrink")
+                                                         for k in ("0", "1")}
 
 
 def test_one_part_rerun_keeps_the_other_parts_results(fidelity_run):

@@ -99,7 +99,10 @@ def expected_errors(plain, mecefo_model, path, batches, step, plan):
             step_grad[n] = (own + sum(approx[s][n] for s in approx)) / plan.n
     step_errors = {k: group_error(step_grad, full, v) for k, v in names.items()}
     shard_errors = {s: {k: group_error(approx[s], exact[s], v) for k, v in names.items()} for s in approx}
-    return step_errors, shard_errors
+    # shrink: each live replica's own shard, exact, over |live|
+    shrink_grad = {n: sum(exact[r][n] for r in plan.live) / len(plan.live) for n in groups}
+    shrink_errors = {k: group_error(shrink_grad, full, v) for k, v in names.items()}
+    return step_errors, shard_errors, shrink_errors
 
 
 def assert_errors_match(got, want):
@@ -116,8 +119,9 @@ def test_probe_equals_the_formula(layers, rank):
     plan = plan_step(5, [0, 2, 3, 4], "mecefo")  # replica 1 dead, 2 runs shards 2 and 1, N = {0, 3, 4}
     assert neighbour_run_shards(plan) == [1, 2]
     result = probe(model, path, batches, step=3, plan=plan)
-    want_step, want_shards = expected_errors(plain, model, path, batches, 3, plan)
+    want_step, want_shards, want_shrink = expected_errors(plain, model, path, batches, 3, plan)
     assert_errors_match(result.step, want_step)
+    assert_errors_match(result.shrink, want_shrink)
     assert result.shards.keys() == want_shards.keys()
     for s in want_shards:
         assert_errors_match(result.shards[s], want_shards[s])
