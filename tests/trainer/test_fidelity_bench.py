@@ -27,6 +27,10 @@ from mecefo.probe import probe, single_failure_plan  # noqa: E402
 from mecefo.report import read_metrics  # noqa: E402
 
 
+# the name of a run with the fixture's shape overrides: its figures, default JSON and page carry it
+VARIANT = "cpu-steps10-replicas3-seq-len16-micro-batch2"
+
+
 @pytest.fixture(scope="module")
 def fidelity_run(tmp_path_factory, corpus_cache):
     tmp = tmp_path_factory.mktemp("fidelity")
@@ -86,10 +90,14 @@ def test_sweep_reuses_the_default_run_and_the_page_lists_everything(fidelity_run
     assert runs[(1 / 32, 200)]["reused"]
     page = out["docs"].read_text()
     for needle in ("## Validation quality under failures", "## Gradient error", "## Rank / tau sweep",
-                   "| failures.txt | 26.7% | 5 | 2 | shrink |", "(fidelity/cpu_quality.png)", "| 1/32 | 5 |"):
+                   "| failures.txt | 26.7% | 5 | 2 | shrink |", f"(fidelity/{VARIANT}_quality.png)", "| 1/32 | 5 |"):
         assert needle in page
-    assert (out["docs"].parent / "fidelity" / "cpu_quality.png").stat().st_size > 10_000
-    assert (out["docs"].parent / "fidelity" / "cpu_probe.png").stat().st_size > 10_000
+    assert (out["docs"].parent / "fidelity" / f"{VARIANT}_quality.png").stat().st_size > 10_000
+    assert (out["docs"].parent / "fidelity" / f"{VARIANT}_probe.png").stat().st_size > 10_000
+    # the page says how to regenerate it: the shape overrides and non-default choices, no machine paths
+    assert page.startswith(f"# Training fidelity under failures ({VARIANT})")
+    assert ("`python bench/fidelity.py --steps 10 --replicas 3 --seq-len 16 --micro-batch 2 --schedules "
+            f"{tmp / 'failures.txt'} --policies mecefo shrink --seeds 0 1`") in page
     rows = list(csv.DictReader(out["csv"].open()))
     assert {r["benchmark"] for r in rows} == {"fidelity/quality", "fidelity/seeds", "fidelity/probe", "fidelity/sweep"}
 
