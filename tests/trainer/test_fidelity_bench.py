@@ -96,8 +96,9 @@ def test_sweep_reuses_the_default_run_and_the_page_lists_everything(fidelity_run
     assert (out["docs"].parent / "fidelity" / f"{VARIANT}_probe.png").stat().st_size > 10_000
     # the page says how to regenerate it: the shape overrides and non-default choices, no machine paths
     assert page.startswith(f"# Training fidelity under failures ({VARIANT})")
-    assert ("`python bench/fidelity.py --steps 10 --replicas 3 --seq-len 16 --micro-batch 2 --schedules "
-            f"{tmp / 'failures.txt'} --policies mecefo shrink --seeds 0 1`") in page
+    assert ("`python bench/fidelity.py --steps 10 --replicas 3 --seq-len 16 --micro-batch 2 --eval-every 5 "
+            "--eval-batches 2 --checkpoint-every 5 --probe-every 5 --schedules "
+            f"{tmp / 'failures.txt'} --policies mecefo shrink --seeds 0 1 --ranks 1/32 --taus 5`") in page
     rows = list(csv.DictReader(out["csv"].open()))
     assert {r["benchmark"] for r in rows} == {"fidelity/quality", "fidelity/seeds", "fidelity/probe", "fidelity/sweep"}
 
@@ -131,3 +132,10 @@ def test_one_part_rerun_keeps_the_other_parts_results(fidelity_run):
     again = json.loads(out["json"].read_text())
     assert again["quality"] == results["quality"] and again["probe"] == results["probe"]
     assert "## Gradient error" in out["docs"].read_text()
+
+
+def test_a_target_is_judged_on_the_whole_two_standard_error_interval():
+    assert fidelity.verdict(1.0, 0.5, 4, 2.2).startswith("**met**")  # [0.5, 1.5]
+    assert fidelity.verdict(5.0, 1.0, 4, 2.2).startswith("**missed**")  # [4.0, 6.0]
+    assert fidelity.verdict(2.0, 1.0, 4, 2.2).startswith("**not resolved**")  # [1.0, 3.0]
+    assert fidelity.verdict(-1.0, 0.0, 1, 0.0).startswith("**not resolved**")  # one seed has no spread
