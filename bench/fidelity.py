@@ -481,8 +481,9 @@ def render_quality(profile: Profile, q: dict, figure: str) -> list[str]:
     ref = q["reference"]
     lines = ["## Validation quality under failures", "",
              f"No failure: validation loss {ref['val_loss']:.4f}, perplexity {ref['val_ppl']:.4f}. Relative change of the "
-             "final validation perplexity against it (lower is better; ndb-exact computes the full-batch gradient, "
-             "so its change measures how far rounding alone moves a run):", ""]
+             "final validation perplexity against it (lower is better"
+             + ("; ndb-exact computes the full-batch gradient, so its change measures how far rounding alone moves "
+                "a run" if "ndb-exact" in q["policies"] else "") + "):", ""]
     rows = []
     for schedule in q["schedules"]:
         for policy in q["policies"]:
@@ -515,8 +516,9 @@ def render_seeds(sd: dict) -> list[str]:
     lines = [f"## Seed to seed ({sd['schedule']} schedule)", "",
              f"The {sd['schedule']} comparison repeated with {len(seed_keys)} seeds. A seed draws the initial weights, "
              "the data order and the failure pattern; within a seed every policy shares them, so each change against "
-             "that seed's no-failure run is a paired difference. ndb-exact applies the exact full-batch gradient: its "
-             "spread is what float rounding alone does to a run.", ""]
+             "that seed's no-failure run is a paired difference."
+             + (" ndb-exact applies the exact full-batch gradient: its spread is what float rounding alone does to a "
+                "run." if "ndb-exact" in policies else ""), ""]
     header = ["seed", "replicas down (mean)", "steps with a failure", "most down at once", "no-failure ppl",
               *[f"{p} vs no failure" for p in policies]] + (["mecefo - shrink (points)"] if compare_shrink else [])
     rows = []
@@ -588,7 +590,7 @@ def render_probe(profile: Profile, p: dict, figure: str) -> list[str]:
             if kind == "shard_error" and plan != plan0:
                 continue  # the shard error does not depend on the plan
             worst = probe_summary(p, kind, max, plan=plan, rank=DEFAULT_RANK)
-            rows.append([plan if kind == "step_error" else "any", what,
+            rows.append([plan if kind != "shard_error" else "any", what,
                          *[f"{probe_summary(p, kind, _mean, plan=plan, rank=DEFAULT_RANK, age=0)[g]:.3f} / {worst[g]:.3f}"
                            for g in ("total", *GROUPS)]])
     lines += _table(["plan", "error", "total (mean / max)", "attention", "FFN", "other"], rows)
