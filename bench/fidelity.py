@@ -37,6 +37,7 @@ import math
 import shutil
 import sys
 import time
+from statistics import fmean, stdev
 from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
 from pathlib import Path
@@ -255,9 +256,7 @@ def seeds(profile: Profile, work: Path, cache_dir: str | None, schedule: str, po
 def mean_sd(values) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for one value)."""
     values = list(values)
-    mean = sum(values) / len(values)
-    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
-    return mean, var ** 0.5
+    return fmean(values), stdev(values) if len(values) > 1 else 0.0
 
 
 def sweep(profile: Profile, work: Path, cache_dir: str | None, schedule: str) -> dict:
@@ -345,11 +344,6 @@ def _rows(probe_result: dict, **match) -> list[dict]:
     return [r for r in probe_result["rows"] if all(r[k] == v for k, v in match.items())]
 
 
-def _mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values)
-
-
 def probe_summary(probe_result: dict, kind: str, stat, **match) -> dict[str, float]:
     """``stat`` (mean or max) over the matching rows of each group's ``kind`` ("step_error", "shard_error")."""
     rows = _rows(probe_result, **match)
@@ -386,6 +380,7 @@ def plot_quality(result: dict, out: Path) -> Path:
     fig, axes = plt.subplots(2, len(schedules), figsize=(5 * len(schedules), 7), squeeze=False, sharex=True)
     window = 20
     ref_smooth = _smooth(ref["train_loss"], window)
+    ref_val = dict(ref["val_curve"])
     for col, schedule in enumerate(schedules):
         top, bottom = axes[0][col], axes[1][col]
         top.plot(ref_smooth, color="black", lw=1.2, label="no failure")
@@ -393,7 +388,6 @@ def plot_quality(result: dict, out: Path) -> Path:
             run = result["runs"][f"{schedule}/{policy}"]
             color = POLICY_COLORS.get(policy)
             top.plot(_smooth(run["train_loss"], window), color=color, lw=0.9, label=policy)
-            ref_val = dict((s, v) for s, v in ref["val_curve"])
             steps = [s for s, _ in run["val_curve"]]
             bottom.plot(steps, [100 * (math.exp(v - ref_val[s]) - 1) for s, v in run["val_curve"]], "o-", ms=3,
                         color=color, label=policy)
@@ -441,7 +435,7 @@ def plot_probe(profile: Profile, result: dict, out: Path) -> Path:
     x = list(range(len(ranks)))
     for kind, label, marker in (("step_error", f"step gradient ({plan0})", "o"), ("shard_error", "one neighbour shard", "s")):
         for g in ("ffn", "total"):
-            ax_r.plot(x, [probe_summary(result, kind, _mean, plan=plan0, rank=r, age=0)[g] for r in ranks],
+            ax_r.plot(x, [probe_summary(result, kind, fmean, plan=plan0, rank=r, age=0)[g] for r in ranks],
                       styles[g], marker=marker, label=f"{label}: {g}")
     ax_r.set_xticks(x, [rank_label(r) for r in ranks])
     ax_r.set_xlabel("rank (fraction of in_features)")
@@ -451,7 +445,7 @@ def plot_probe(profile: Profile, result: dict, out: Path) -> Path:
     for rank in ranks:
         if rank == 1.0:
             continue
-        ax_a.plot(ages, [_mean(r["shard_error"]["ffn"] for r in _rows(result, plan=plan0, rank=rank, age=a)
+        ax_a.plot(ages, [fmean(r["shard_error"]["ffn"] for r in _rows(result, plan=plan0, rank=rank, age=a)
                                if r["step"] in late) for a in ages], marker="o", label=f"rank {rank_label(rank)}")
     ax_a.set_xlabel("age of the bases (steps) = the oldest they get with tau = age")
     ax_a.set_title(f"one neighbour shard's FFN error vs bases age (steps {late[0]}-{late[-1]})" if late else "")
@@ -591,7 +585,7 @@ def render_probe(profile: Profile, p: dict, figure: str) -> list[str]:
                 continue  # the shard error does not depend on the plan
             worst = probe_summary(p, kind, max, plan=plan, rank=DEFAULT_RANK)
             rows.append([plan if kind != "shard_error" else "any", what,
-                         *[f"{probe_summary(p, kind, _mean, plan=plan, rank=DEFAULT_RANK, age=0)[g]:.3f} / {worst[g]:.3f}"
+                         *[f"{probe_summary(p, kind, fmean, plan=plan, rank=DEFAULT_RANK, age=0)[g]:.3f} / {worst[g]:.3f}"
                            for g in ("total", *GROUPS)]])
     lines += _table(["plan", "error", "total (mean / max)", "attention", "FFN", "other"], rows)
     default_rows = [r for r in p["rows"] if r["rank"] == DEFAULT_RANK and r["age"] <= age]
@@ -614,7 +608,7 @@ def render_probe(profile: Profile, p: dict, figure: str) -> list[str]:
         cells = []
         for a in p["ages"]:
             rs = [r for r in _rows(p, plan=plan0, rank=rank, age=a) if r["step"] in late]
-            cells.append(f"{_mean(r['step_error']['ffn'] for r in rs):.3f} / {_mean(r['shard_error']['ffn'] for r in rs):.3f}")
+            cells.append(f"{fmean(r['step_error']['ffn'] for r in rs):.3f} / {fmean(r['shard_error']['ffn'] for r in rs):.3f}")
         rows.append([rank_label(rank), *cells])
     lines += _table(["rank", *[f"age {a}" for a in p["ages"]]], rows)
     lines += ["", f"(steps {', '.join(map(str, late))}, where every age can be probed)", ""]
@@ -632,8 +626,8 @@ def render_sweep(profile: Profile, s: dict, p: dict | None) -> list[str]:
         cells = [rank_label(run["rank"]), str(run["tau"]), f"{run['val_ppl']:.4f}", _pct(run["ppl_change_pct"])]
         if p:
             age = max(a for a in p["ages"] if a <= run["tau"])
-            step = probe_summary(p, "step_error", _mean, plan=plan0, rank=run["rank"], age=age)
-            shard = probe_summary(p, "shard_error", _mean, plan=plan0, rank=run["rank"], age=age)
+            step = probe_summary(p, "step_error", fmean, plan=plan0, rank=run["rank"], age=age)
+            shard = probe_summary(p, "shard_error", fmean, plan=plan0, rank=run["rank"], age=age)
             cells.append(f"{step['ffn']:.3f} / {shard['ffn']:.3f}")
         rows.append(cells)
     lines += _table(["rank", "tau", "val ppl", "ppl vs no failure"] + (["FFN error step / shard"] if p else []), rows)
@@ -643,15 +637,16 @@ def render_sweep(profile: Profile, s: dict, p: dict | None) -> list[str]:
 def part_costs(results: dict) -> str:
     """Training time of each part's runs (summed trainer clocks, reused runs included: a page
     regenerated from stored runs still says what they cost) and the probe's wall time."""
-    def runs_of(part: dict) -> list[dict]:
-        runs = part["runs"]
-        return [part["reference"], *runs.values()] if isinstance(runs, dict) else list(runs)
+    def runs_of(part: str) -> list[dict]:
+        runs = results[part]["runs"]
+        if part == "seeds":  # seed 0's runs are the quality part's
+            return [r for seed, by_policy in runs.items() if seed != "0" for r in by_policy.values()]
+        return [results[part]["reference"], *runs.values()] if part == "quality" else list(runs)
 
     costs = []
     for part in ("quality", "seeds", "sweep"):
         if part in results:
-            runs = (runs_of(results[part]) if part != "seeds" else
-                    [r for seed, by_policy in results[part]["runs"].items() if seed != "0" for r in by_policy.values()])
+            runs = runs_of(part)
             if all("train_s" in r for r in runs):
                 more = " more" if part == "seeds" else ""  # seed 0 is the quality part's
                 costs.append(f"{part} {len(runs)}{more} training runs, {sum(r['train_s'] for r in runs) / 60:.1f} min")
@@ -706,14 +701,14 @@ def record(recorder: Recorder, profile: Profile, results: dict, parts) -> None:
                 for kind in ("step_error", "shard_error"):
                     if kind == "shard_error" and plan != p["plans"][0]:
                         continue
-                    mean = probe_summary(p, kind, _mean, plan=plan, rank=rank, age=0)
+                    mean = probe_summary(p, kind, fmean, plan=plan, rank=rank, age=0)
                     worst = probe_summary(p, kind, max, plan=plan, rank=rank, age=0)
                     for g in ("total", *GROUPS):
                         recorder.add(benchmark="fidelity/probe", provider=f"rank {rank_label(rank)}",
                                      mode=plan if kind == "step_error" else "neighbour shard", config=config,
                                      metric=f"{kind}_{g}", unit="relative", median=mean[g], p80=worst[g])
             if all("shrink_error" in r for r in p["rows"]):
-                mean = probe_summary(p, "shrink_error", _mean, plan=plan, rank=DEFAULT_RANK, age=0)
+                mean = probe_summary(p, "shrink_error", fmean, plan=plan, rank=DEFAULT_RANK, age=0)
                 worst = probe_summary(p, "shrink_error", max, plan=plan, rank=DEFAULT_RANK, age=0)
                 for g in ("total", *GROUPS):
                     recorder.add(benchmark="fidelity/probe", provider="shrink", mode=plan, config=config,
