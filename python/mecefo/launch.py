@@ -106,7 +106,7 @@ class Supervisor:
         self.tail = _MetricsTail(self.run_dir)
         schedule = load_schedule(cfg.failures, replicas=cfg.replicas, steps=cfg.steps,
                                  hours=cfg.schedule_hours, seed=cfg.seed)
-        self.max_job_restarts = cfg.max_restarts + (len(schedule.failure_starts()) if cfg.policy == "restart" else 0)
+        self.max_job_restarts = cfg.max_restarts + (len(schedule.failure_starts()) if cfg.resolved_policy.restart else 0)
 
     # ---- processes --------------------------------------------------------------------------
 
@@ -183,7 +183,7 @@ class Supervisor:
             self.events.write(event="exit", replica=replica, code=code, committed=self.tail.done)
             if code == 0:
                 self.finished.add(replica)
-            elif code == RESTART_EXIT_CODE or self.cfg.policy == "restart":
+            elif code == RESTART_EXIT_CODE or self.cfg.resolved_policy.restart:
                 self._restart_job(f"replica {replica} exited with {code}")
                 return
             else:
@@ -224,7 +224,7 @@ class Supervisor:
         cfg = self.cfg
         deadline = time.monotonic() + cfg.max_wall_s
         bar = tqdm(total=cfg.steps, unit="step", dynamic_ncols=True, disable=not self.progress, mininterval=0.5,
-                   desc=f"{cfg.policy} x{cfg.replicas}")
+                   desc=f"{cfg.resolved_policy.name} x{cfg.replicas}")
         try:
             self._launch_all(resume=cfg.resume)
             while self.procs or (self.dead and not self.finished):
@@ -301,7 +301,7 @@ def train_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
     if not cfg.run_dir:
-        cfg = replace(cfg, run_dir=_timestamped(cfg.policy))
+        cfg = replace(cfg, run_dir=_timestamped(cfg.resolved_policy.name))
     return _run_and_print(cfg, progress=not args.no_progress)
 
 
@@ -331,6 +331,6 @@ def demo_main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args)
     if not cfg.run_dir:
         cfg = replace(cfg, run_dir=_timestamped("demo"))
-    print(f"mecefo-demo: {cfg.replicas} replicas, preset {cfg.preset}, policy {cfg.policy}, {cfg.steps} steps, "
+    print(f"mecefo-demo: {cfg.replicas} replicas, preset {cfg.preset}, policy {cfg.resolved_policy.name}, {cfg.steps} steps, "
           f"injected: {', '.join(cfg.inject) or 'nothing'}; output in {cfg.run_dir}", flush=True)
     return _run_and_print(cfg, progress=not args.no_progress)
