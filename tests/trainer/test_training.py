@@ -175,15 +175,20 @@ def json_records(directory: Path) -> list[dict]:
             if p.is_file() and p.name.startswith(("kill-", "hang-"))]
 
 
-def test_resume_is_identical_and_a_corrupt_checkpoint_falls_back(tmp_path, corpus_cache):
-    whole = make_config(tmp_path / "whole", corpus_cache, policy="ndb-exact", replicas=2, steps=30,
-                        checkpoint_every=10)
+@pytest.mark.parametrize("policy", ["ndb-exact", "spread-orphan"])
+def test_resume_is_identical_and_a_corrupt_checkpoint_falls_back(tmp_path, corpus_cache, policy):
+    """spread-orphan: replica 1 sits out steps 5-24 and tau is 7, so the checkpoint resumed from (step 10) is
+    mid-episode with bases computed at step 7: they come back from the checkpoint, not recomputed."""
+    schedule = tmp_path / "failures.txt"
+    schedule.write_text("1 5 25\n")
+    same = dict(policy=policy, replicas=2, steps=30, checkpoint_every=10, micro_batch=2, tau=7,
+                failures=f"schedule:{schedule}")
+    whole = make_config(tmp_path / "whole", corpus_cache, **same)
     run(whole)
     uninterrupted = {r["step"]: r["param_hash"] for r in check_replicas_agree(whole.run_path, 30)}
 
     # a run that was interrupted after step 25: checkpoints 10 and 20 exist, and 20 is truncated
-    resumed = make_config(tmp_path / "resumed", corpus_cache, policy="ndb-exact", replicas=2, steps=30,
-                          checkpoint_every=10, resume=True)
+    resumed = make_config(tmp_path / "resumed", corpus_cache, resume=True, **same)
     (resumed.run_path / "checkpoints").mkdir(parents=True)
     for step in (10, 20):
         name = f"step_{step:08d}.ckpt"
@@ -259,9 +264,10 @@ def test_mecefo_neighbour_mode_only_while_covering_a_dead_replica(tmp_path, corp
     covering = [r for r in records if r["neighbour"]]
     assert covering and {r["replica"] for r in covering} == {3} and covering[0]["step"] == 6
     assert all(r["shards"] == [3, 2] for r in covering)
-    # bases: recomputed when replica 3 became a neighbour, then at every multiple of tau
+    # bases: computed when the failure episode started, then at every multiple of tau (by every replica)
     steps = [r["step"] for r in covering]
-    assert [r["step"] for r in covering if r["bases_refreshed"]] == [6] + [s for s in steps if s % 10 == 0]
+    assert [r["step"] for r in covering if r["bases_step"] == r["step"]] == [6] + [s for s in steps if s % 10 == 0]
+    assert {r["bases_step"] for r in records if r["step"] == 6} == {6}
     back = steps[-1] + 1
     assert back < cfg.steps - 5 and not any(r["neighbour"] for r in records if r["step"] >= back)
     # bit for bit exact NDB until a neighbour runs in neighbour mode (step 6), then the approximation shows
