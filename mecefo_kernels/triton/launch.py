@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backend import triton_interpreting
+from ..interpreter import triton_interpreting
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
