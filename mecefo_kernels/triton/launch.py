@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -11,6 +12,14 @@ import triton.language as tl
 from ..interpreter import triton_interpreting
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def device_guard(t: torch.Tensor):
+    """Context manager making t's GPU the current device for a launch. Triton launches on the
+    *current* device and its current stream, so without it a tensor on cuda:1 while cuda:0 is
+    current (HF device_map="auto", one process driving several GPUs) would run in the wrong
+    context. A no-op for CPU tensors (the interpreter)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 @functools.cache

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import autotune_configs, check_dtype, dot_mode, grouped_tile, tile_dot, tile_grid
+from .launch import autotune_configs, check_dtype, device_guard, dot_mode, grouped_tile, tile_dot, tile_grid
 
 
 def _tile(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
@@ -54,8 +54,9 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.T
     (m, k), n = a.shape, b.shape[1]
     c = torch.empty((m, n), dtype=out_dtype, device=a.device)
     if m and n:
-        _matmul_kernel[tile_grid(m, n)](a, b, c, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-                                        c.stride(0), c.stride(1), DOT_MODE=dot_mode(a.dtype))
+        with device_guard(a):
+            _matmul_kernel[tile_grid(m, n)](a, b, c, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                                            c.stride(0), c.stride(1), DOT_MODE=dot_mode(a.dtype))
     return c
 
 

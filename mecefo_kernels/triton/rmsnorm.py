@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import block_for, check_dtype, persistent_programs
+from .launch import block_for, check_dtype, device_guard, persistent_programs
 
 
 @triton.jit
@@ -74,7 +74,8 @@ def rmsnorm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torc
     y = torch.empty((rows, d), dtype=x.dtype, device=x.device)
     rstd = torch.empty((rows,), dtype=torch.float32, device=x.device)
     if rows:
-        _rmsnorm_fwd_kernel[(rows,)](x, weight, y, rstd, x.stride(0), y.stride(0), d, eps, BLOCK_D=block_for(d))
+        with device_guard(x):
+            _rmsnorm_fwd_kernel[(rows,)](x, weight, y, rstd, x.stride(0), y.stride(0), d, eps, BLOCK_D=block_for(d))
     return y, rstd
 
 
@@ -95,8 +96,9 @@ def rmsnorm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     programs = persistent_programs(x.device, rows)
     partial = torch.empty((programs, d), dtype=torch.float32, device=x.device)
     if rows:
-        _rmsnorm_bwd_kernel[(programs,)](dy, x, weight, rstd, dx, partial, dy.stride(0), x.stride(0),
-                                         dx.stride(0), rows, d, BLOCK_D=block_for(d))
+        with device_guard(x):
+            _rmsnorm_bwd_kernel[(programs,)](dy, x, weight, rstd, dx, partial, dy.stride(0), x.stride(0),
+                                             dx.stride(0), rows, d, BLOCK_D=block_for(d))
     else:
         partial.zero_()
     return dx, partial.sum(0).to(weight.dtype)

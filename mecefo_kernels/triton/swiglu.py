@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import autotune_configs, check_dtype, dot_mode, elementwise_block, grouped_tile, mma, tile_dot, tile_grid
+from .launch import (autotune_configs, check_dtype, device_guard, dot_mode, elementwise_block, grouped_tile, mma,
+                     tile_dot, tile_grid)
 
 
 @triton.jit
@@ -84,7 +85,8 @@ def swiglu_fwd(a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     n = a.numel()
     if n:
         block = elementwise_block()
-        _swiglu_fwd_kernel[(triton.cdiv(n, block),)](a, u, p, n, BLOCK=block)
+        with device_guard(a):
+            _swiglu_fwd_kernel[(triton.cdiv(n, block),)](a, u, p, n, BLOCK=block)
     return p
 
 
@@ -101,7 +103,8 @@ def swiglu_bwd(dp: torch.Tensor, a: torch.Tensor, u: torch.Tensor) -> tuple[torc
     n = a.numel()
     if n:
         block = elementwise_block()
-        _swiglu_bwd_kernel[(triton.cdiv(n, block),)](dp, a, u, da, du, p, n, BLOCK=block)
+        with device_guard(a):
+            _swiglu_bwd_kernel[(triton.cdiv(n, block),)](dp, a, u, da, du, p, n, BLOCK=block)
     return da, du, p
 
 
@@ -228,9 +231,10 @@ def gate_up_swiglu(z: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
     a = torch.empty((rows, n), dtype=z.dtype, device=z.device)
     u = torch.empty((rows, n), dtype=z.dtype, device=z.device)
     if m and n:
-        _gate_up_swiglu_fwd_kernel[tile_grid(m, n)](
-            z, w_gate, w_up, p, a, u, m, n, k, z.stride(0), z.stride(1), w_gate.stride(0), w_gate.stride(1),
-            STORE_PREACT=store_preact, DOT_MODE=dot_mode(z.dtype))
+        with device_guard(z):
+            _gate_up_swiglu_fwd_kernel[tile_grid(m, n)](
+                z, w_gate, w_up, p, a, u, m, n, k, z.stride(0), z.stride(1), w_gate.stride(0), w_gate.stride(1),
+                STORE_PREACT=store_preact, DOT_MODE=dot_mode(z.dtype))
     return p, a, u
 
 
@@ -256,10 +260,11 @@ def gate_up_swiglu_bwd(z: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor
     da = torch.empty((m, n), dtype=z.dtype, device=z.device)
     du, p = torch.empty_like(da), torch.empty_like(da)
     if m and n:
-        _gate_up_swiglu_bwd_kernel[tile_grid(m, n)](
-            z, w_gate, w_up, dy, w_down, da, du, p, m, n, k, w_down.shape[0], z.stride(0), z.stride(1),
-            w_gate.stride(0), w_gate.stride(1), dy.stride(0), dy.stride(1), w_down.stride(0), w_down.stride(1),
-            DOT_MODE=dot_mode(z.dtype))
+        with device_guard(z):
+            _gate_up_swiglu_bwd_kernel[tile_grid(m, n)](
+                z, w_gate, w_up, dy, w_down, da, du, p, m, n, k, w_down.shape[0], z.stride(0), z.stride(1),
+                w_gate.stride(0), w_gate.stride(1), dy.stride(0), dy.stride(1), w_down.stride(0), w_down.stride(1),
+                DOT_MODE=dot_mode(z.dtype))
     return da, du, p
 
 
