@@ -4,7 +4,19 @@ place in the layers."""
 import ast
 from pathlib import Path
 
+import pytest
+
+from mecefo_kernels.triton import launch
+
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_row_launch_grows_warps_with_the_row():
+    """At most 16 row elements per thread up to 16384 (the AOT report shows no spills there)."""
+    assert [launch.row_launch(d) for d in (48, 2048, 4096, 5000, 8192, 16384, 65536)] == [
+        (64, 4), (2048, 4), (4096, 8), (8192, 16), (8192, 16), (16384, 32), (65536, 32)]
+    with pytest.raises(ValueError, match="row length 65537 exceeds the Triton kernels' single-block limit 65536"):
+        launch.row_launch(65537)
 
 
 def test_triton_package_does_not_import_backend():
