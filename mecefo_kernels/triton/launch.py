@@ -74,20 +74,62 @@ def autotune_configs(gpu: list[triton.Config], interpreter: triton.Config) -> li
     return [interpreter] if triton_interpreting() else gpu
 
 
+def size_bucket(n: int) -> int:
+    """Autotune key for a size that changes from call to call (the token count): its power-of-two
+    bucket. Keying on the exact size re-tunes for every new batch shape; leaving it out reuses
+    whatever a tiny warm-up batch chose for every size."""
+    return triton.next_power_of_2(max(n, 1))
+
+
 def elementwise_block() -> int:
     """Elements per program of the flat elementwise kernels: 1024 (8 per thread at 4 warps, so
     16-byte accesses for bf16) on a GPU, large on the interpreter where programs are slow."""
     return 16384 if triton_interpreting() else 1024
 
 
+# ------------------------------------------------------------------ fp32 GEMMs: TF32 or cuBLAS
+
+
+def tf32_allowed() -> bool:
+    """Whether torch lets float32 matmuls use TF32 tensor cores. The source of truth is
+    ``torch.backends.cuda.matmul.fp32_precision`` ("tf32" | "ieee" | "none" = inherit
+    ``torch.backends.fp32_precision``), which the legacy switches also set:
+    ``torch.backends.cuda.matmul.allow_tf32 = True`` and
+    ``torch.set_float32_matmul_precision("high" | "medium")`` make it "tf32". (Reading
+    ``allow_tf32`` itself raises once both APIs have been used.) Older torch: ``allow_tf32``."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:
+        return bool(matmul.allow_tf32)
+    if precision == "none":
+        precision = getattr(torch.backends, "fp32_precision", "ieee")
+    return precision == "tf32"
+
+
+def triton_gemm(dtype: torch.dtype) -> bool:
+    """Whether the GEMMs of a launcher run in Triton for operands of `dtype`.
+
+    bf16 / fp16: always (tensor cores, fp32 accumulation). fp32: only when TF32 is allowed
+    (tf32_allowed), as TF32 tensor-core products, which is what torch.mm does then too.
+    Exact fp32 goes to cuBLAS (torch.mm): Triton's "ieee" dot multiplies on FMA units with
+    large register tiles (2-3 KB of spills per thread, configs past shared memory), far from
+    cuBLAS's SGEMM, so the GEMM-with-epilogue kernels then run as cuBLAS GEMMs plus the Triton
+    elementwise SwiGLU kernels. The same rule holds under the interpreter, so the tests reach
+    both paths (TF32 on and off)."""
+    return dtype != torch.float32 or tf32_allowed()
+
+
 def dot_mode(dtype: torch.dtype) -> str:
-    """How `mma` multiplies tiles of `dtype`: exact fp32 products for fp32 operands ("ieee", what
-    torch matmul does by default), tensor-core products for bf16/fp16 (accumulated in fp32), and
-    "upcast" for bf16 under the interpreter, whose tl.dot multiplies bf16 tiles as raw uint16
-    bits (bf16 -> fp32 is exact, so the products are the same)."""
+    """How `mma` multiplies tiles of `dtype`: tensor-core products accumulated in fp32 ("tf32";
+    for bf16/fp16 operands the name is ignored), exact fp32 products ("ieee") for fp32 when TF32
+    is not allowed (launchers route that case to cuBLAS, see triton_gemm), and "upcast" for bf16
+    under the interpreter, whose tl.dot multiplies bf16 tiles as raw uint16 bits (bf16 -> fp32
+    is exact, so the products are the same)."""
     if dtype == torch.bfloat16 and triton_interpreting():
         return "upcast"
-    return "ieee" if dtype == torch.float32 else "tf32"
+    if dtype == torch.float32 and not tf32_allowed():
+        return "ieee"
+    return "tf32"
 
 
 @triton.jit

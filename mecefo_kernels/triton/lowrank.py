@@ -11,6 +11,7 @@ Registered ops (``torch.ops.mecefo_triton.*``), same contracts as the reference
 One GEMM kernel serves all three products through strides (dy^T is a transposed view).
 The B operand (xv, or the float32 basis) is rounded to A's dtype in registers, products
 accumulate in fp32 and the result is rounded once on store: the math of the reference.
+Exact fp32 products go to cuBLAS (launch.triton_gemm).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import autotune_configs, check_dtype, device_guard, dot_mode, grouped_tile, tile_dot, tile_grid
+from .launch import (autotune_configs, check_dtype, device_guard, dot_mode, grouped_tile, size_bucket, tile_dot, tile_grid,
+                     triton_gemm)
 
 
 def _tile(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
@@ -35,10 +37,13 @@ _CONFIGS = autotune_configs([
 ], triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4))
 
 
-@triton.autotune(configs=_CONFIGS, key=["M", "N", "K"])
+# Autotune key: each size as its power-of-two bucket (the token count is M of x V and K of
+# dy^T xv, so keying on exact sizes re-tuned for every new batch shape). The buckets are not
+# read by the kernel: they are arguments only so that the autotuner can key on them.
+@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "N_BUCKET", "K_BUCKET"])
 @triton.jit
-def _matmul_kernel(A, B, C, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-                   DOT_MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _matmul_kernel(A, B, C, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, M_BUCKET,
+                   N_BUCKET, K_BUCKET, DOT_MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """C [M, N] = A [M, K] @ B [K, N], any strides; B rounded to A's dtype; fp32 accumulation."""
     pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -51,12 +56,15 @@ def _matmul_kernel(A, B, C, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    if not triton_gemm(a.dtype):  # exact fp32: cuBLAS
+        return torch.mm(a, b.to(a.dtype)).to(out_dtype)
     (m, k), n = a.shape, b.shape[1]
     c = torch.empty((m, n), dtype=out_dtype, device=a.device)
     if m and n:
         with device_guard(a):
             _matmul_kernel[tile_grid(m, n)](a, b, c, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-                                            c.stride(0), c.stride(1), DOT_MODE=dot_mode(a.dtype))
+                                            c.stride(0), c.stride(1), size_bucket(m), size_bucket(n), size_bucket(k),
+                                            DOT_MODE=dot_mode(a.dtype))
     return c
 
 

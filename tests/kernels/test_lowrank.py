@@ -255,3 +255,44 @@ def test_compiled_ops_check_their_arguments():
             ns.lowrank_project(x, torch.randn(7, 3))
         with pytest.raises(error, match="xv"):
             ns.lowrank_weight_grad(torch.randn(5, 6), torch.randn(4, 3), basis, torch.float32)
+
+
+# --------------------------------------------------------------------------- Triton GEMM launches
+
+triton_only = pytest.mark.skipif("triton" not in live_implementations("lowrank", "cpu"),
+                                 reason="Triton kernels need TRITON_INTERPRET=1 on CPU")
+
+
+@pytest.fixture
+def matmul_launches(monkeypatch):
+    """Records (A, B, C, grid) of every launch of the low-rank GEMM kernel, then runs it."""
+    from mecefo_kernels.triton import lowrank as triton_lowrank
+
+    kernel = triton_lowrank._matmul_kernel
+    launches = []
+    run = kernel.run
+
+    def recording_run(*args, grid, **kwargs):
+        launches.append((args[0], args[1], args[2], grid))
+        return run(*args, grid=grid, **kwargs)
+
+    monkeypatch.setattr(kernel, "run", recording_run)
+    return launches
+
+
+@triton_only
+@pytest.mark.parametrize("tf32", [False, True], ids=["exact", "tf32"])
+def test_fp32_gemms_run_in_triton_only_with_tf32(tf32, allow_tf32, matmul_launches):
+    """fp32: Triton's GEMM kernel when TF32 is allowed, cuBLAS (torch.mm) otherwise; the result
+    matches float64 either way (the interpreter multiplies exactly; on a GPU the eager baseline
+    runs with the same TF32 setting, so the tolerance follows it)."""
+    allow_tf32(tf32)
+    x, weight, basis, bias, dy = (torch.randn(37, 48), torch.randn(80, 48) / 7, None, None, torch.randn(37, 80))
+    basis = mk.lowrank_basis(weight, 12)
+    exact = lowrank_f64(x, weight, basis, bias, dy)
+    baseline = lowrank_eager(x, weight, basis, bias, dy)
+    got = lowrank_mecefo(x, weight, basis, bias, dy, "triton")
+    for name, g, e, b in zip(NAMES[:3], got, exact, baseline):
+        assert_close(f"triton/{name}", g, e, b)
+    assert len(matmul_launches) == (3 if tf32 else 0), "x V, dy^T xV and g V^T"
+
