@@ -1,4 +1,5 @@
-"""Launch-shape decisions shared by the Triton launchers."""
+"""Launch decisions shared by the Triton launchers: which device, how many warps and programs,
+how tiles are multiplied (and when cuBLAS multiplies instead), autotune keys, split-K."""
 
 from __future__ import annotations
 
@@ -28,13 +29,18 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 1 for CPU tensors (the interpreter runs one
+    program at a time, so there is nothing to fill)."""
+    if device.type != "cuda":
+        return 1
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def persistent_programs(device: torch.device, work_items: int, per_sm: int = 4) -> int:
     """Number of programs for a grid-stride kernel: a few per SM on a GPU, few on the
     interpreter (each interpreted program costs milliseconds, so fewer is faster)."""
-    if device.type == "cuda":
-        cap = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) * per_sm
-    else:
-        cap = 4
+    cap = sm_count(device) * per_sm if device.type == "cuda" else 4
     return max(1, min(work_items, cap))
 
 
@@ -144,7 +150,7 @@ def mma(a, b, acc, DOT_MODE: tl.constexpr):
 def tile_dot(A, B, offs_m, offs_n, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, DOT_MODE: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """A [M, K] @ B [K, N] for the [BLOCK_M, BLOCK_N] tile at offs_m x offs_n, any strides, in fp32.
-    B is rounded to A's dtype in registers (a float32 basis against bf16 activations)."""
+    A and B have the same dtype (launchers cast a float32 basis once per call, not per tile)."""
     offs_k = tl.arange(0, BLOCK_K).to(tl.int64)  # k x stride stays in 64 bits for transposed views
     a_ptrs = A + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = B + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
@@ -154,7 +160,7 @@ def tile_dot(A, B, offs_m, offs_n, M, N, K, stride_am, stride_ak, stride_bk, str
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_left = K - k * BLOCK_K
         a = tl.load(a_ptrs, mask=m_mask & (offs_k[None, :] < k_left), other=0.0)
-        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & n_mask, other=0.0).to(A.dtype.element_ty)
+        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & n_mask, other=0.0)
         acc = mma(a, b, acc, DOT_MODE)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
@@ -176,6 +182,41 @@ def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
     return pid_m, pid_n
 
 
-def tile_grid(M: int, N: int):
-    """Launch grid for kernels that use grouped_tile."""
-    return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+def tile_grid(M: int, N: int, splits: int = 1):
+    """Launch grid for kernels that use grouped_tile (axis 1: the split-K index)."""
+    return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), splits)
+
+
+# ------------------------------------------------------------------ split-K
+
+# Each split reduces at least this many K elements (so a split still streams several tiles),
+# and its K range is a multiple of every config's BLOCK_K.
+_SPLIT_MIN_K = 512
+_SPLIT_ALIGN = 128
+# The largest output tile of the GEMM configs: splitting is sized so that even it fills the GPU.
+_SPLIT_TILE = 128
+
+
+class SplitK(NamedTuple):
+    splits: int
+    k_per_split: int
+
+
+def split_k(m: int, n: int, k: int, programs: int) -> SplitK:
+    """How to split the reduction of an [m, n] = [m, k] @ [k, n] product so that about `programs`
+    programs run: only when the output has fewer tiles than that and k is long. That is
+    MeCeFO's g = dy^T (x V): m = out features, n = the rank, k = the tokens; at LLaMA-7B
+    (m = 4096 or 11008, n = 128) that is 32 or 86 output tiles of 128 x 128 for 132 SMs, each
+    looping over all tokens. Each split reduces its own K range into an fp32 partial; the partials are summed
+    in a fixed order afterwards (deterministic, unlike atomics)."""
+    tiles = max(1, triton.cdiv(m, _SPLIT_TILE) * triton.cdiv(n, _SPLIT_TILE))
+    splits = min(triton.cdiv(programs, tiles), k // _SPLIT_MIN_K)
+    if splits <= 1:
+        return SplitK(1, k)
+    per = triton.cdiv(triton.cdiv(k, splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
+    return SplitK(triton.cdiv(k, per), per)
+
+
+def gemm_programs(device: torch.device) -> int:
+    """Programs a GEMM should launch to fill the device: two per SM (one on the interpreter)."""
+    return 2 * sm_count(device) if device.type == "cuda" else 1

@@ -1,5 +1,5 @@
-"""Launch decisions of the Triton kernels (mecefo_kernels/triton/launch.py): TF32, row blocks,
-autotune keys, and the package's place in the layers."""
+"""Launch decisions of the Triton kernels (mecefo_kernels/triton/launch.py): TF32, split-K,
+row blocks, autotune keys, and the package's place in the layers."""
 
 import ast
 import subprocess
@@ -40,8 +40,19 @@ def test_tf32_follows_torch_switches():
     assert proc.stdout.strip() == str([False, True, False, True, True, False, True, False, True])
 
 
-
-ROOT = Path(__file__).resolve().parents[2]
+def test_split_k_rule():
+    """Split only when the output's tiles cannot fill the device and K is long; every split a
+    multiple of 128 long, and the splits cover K exactly."""
+    # LLaMA-7B on an H100 (132 SMs: 264 programs). g = dy^T xV for Wd (4096 x r=128) and Wg (11008 x 128):
+    assert launch.split_k(4096, 128, 8192, 264) == (8, 1024)
+    assert launch.split_k(11008, 128, 8192, 264) == (4, 2048)
+    assert launch.split_k(8192, 128, 4096, 264) == (5, 896)  # x V at 8192 tokens: 64 tiles, K = 4096 features
+    assert launch.split_k(4096, 4096, 128, 264) == (1, 128)  # g V^T: short K, 1024 tiles
+    assert launch.split_k(4096, 128, 1000, 264) == (1, 1000)  # K too short to split
+    for m, n, k in ((4096, 128, 8191), (300, 64, 100_000), (11008, 256, 3000)):
+        splits, per = launch.split_k(m, n, k, 264)
+        assert splits == 1 or per % 128 == 0
+        assert (splits - 1) * per < k <= splits * per
 
 
 def test_row_launch_grows_warps_with_the_row():
