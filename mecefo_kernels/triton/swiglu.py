@@ -16,10 +16,11 @@ Registered ops (``torch.ops.mecefo_triton.*``), same contracts as the reference
   projected onto V_down).
 
 a, u and dp are rounded to the activation dtype before the epilogue, exactly as when they
-are materialised (the non-recompute path and the other backends), so every mode computes the
-same numbers: exactly under the interpreter, and on a GPU to about one ulp of the activation
-dtype, because there tl.exp and the division lower to approximate instructions (ex2.approx,
-div.full) where torch uses IEEE expf and division.
+are materialised (the non-recompute path and the other backends), so every mode rounds at the
+same points: under the interpreter the results differ only by the GEMMs' summation order; on a
+GPU also by up to one ulp of the activation dtype in rare elements, because there tl.exp and
+the division lower to approximate instructions (ex2.approx.f32, div.full.f32) where torch uses
+IEEE-rounded expf and division (README, "GPU numerics").
 
 fp16 and bf16 GEMMs run on tensor cores. fp32 GEMMs run here only as TF32, when torch allows
 TF32 for fp32 matmuls; exact fp32 runs as cuBLAS GEMMs followed by the elementwise kernels
@@ -32,8 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import (autotune_configs, check_dtype, device_guard, dot_mode, elementwise_block, grouped_tile, mma,
-                     size_bucket, tile_dot, tile_grid, triton_gemm)
+from .launch import (autotune_configs, block_k_for_operand_size, check_dtype, device_guard, dot_mode,
+                     elementwise_block, grouped_tile, mma, size_bucket, tile_dot, tile_grid, triton_gemm)
 
 
 @triton.jit
@@ -171,7 +172,8 @@ def _dual_dot(Z, WG, WU, offs_m, offs_n, M, N, K, stride_zm, stride_zk, stride_w
 # Autotune keys: the token count M as its power-of-two bucket M_BUCKET (launch.size_bucket), and
 # whether a and u are stored (two more [M, N] writes change the best tile). M_BUCKET is not read
 # by the kernels; it is an argument only so that the autotuner can key on it.
-@triton.autotune(configs=_FWD_CONFIGS, key=["M_BUCKET", "N", "K", "STORE_PREACT"])
+@triton.autotune(configs=_FWD_CONFIGS, key=["M_BUCKET", "N", "K", "STORE_PREACT"],
+                 prune_configs_by={"early_config_prune": block_k_for_operand_size})
 @triton.jit
 def _gate_up_swiglu_fwd_kernel(Z, WG, WU, P, A, U, M, N, K, stride_zm, stride_zk, stride_wn, stride_wk, M_BUCKET,
                                STORE_PREACT: tl.constexpr, DOT_MODE: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -193,7 +195,8 @@ def _gate_up_swiglu_fwd_kernel(Z, WG, WU, P, A, U, M, N, K, stride_zm, stride_zk
         tl.store(U + offs, u, mask=mask)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["M_BUCKET", "N", "K", "K_OUT"])
+@triton.autotune(configs=_BWD_CONFIGS, key=["M_BUCKET", "N", "K", "K_OUT"],
+                 prune_configs_by={"early_config_prune": block_k_for_operand_size})
 @triton.jit
 def _gate_up_swiglu_bwd_kernel(Z, WG, WU, DY, WD, DA, DU, P, M, N, K, K_OUT, stride_zm, stride_zk, stride_wn,
                                stride_wk, stride_dym, stride_dyk, stride_wdk, stride_wdn, M_BUCKET,
