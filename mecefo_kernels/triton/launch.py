@@ -134,9 +134,10 @@ def triton_gemm(dtype: torch.dtype) -> bool:
     bf16 / fp16: always (tensor cores, fp32 accumulation). fp32: only when TF32 is allowed
     (tf32_allowed), as TF32 tensor-core products, which is what torch.mm does then too.
     Exact fp32 goes to cuBLAS (torch.mm): Triton's "ieee" dot multiplies on FMA units with
-    large register tiles (2-3 KB of spills per thread, configs past shared memory), far from
-    cuBLAS's SGEMM, so the GEMM-with-epilogue kernels then run as cuBLAS GEMMs plus the Triton
-    elementwise SwiGLU kernels. The same rule holds under the interpreter, so the tests reach
+    tensor-core-sized register tiles (2-3 KB of spills per thread, configs past shared memory),
+    where cuBLAS's SGEMM is the kernel tuned for the job; the GEMM-with-epilogue kernels then run
+    as cuBLAS GEMMs plus the Triton elementwise SwiGLU kernels (the fusion saves only elementwise
+    traffic, small next to an FMA-bound GEMM). The same rule holds under the interpreter, so the tests reach
     both paths (TF32 on and off)."""
     return dtype != torch.float32 or tf32_allowed()
 
