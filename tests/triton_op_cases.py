@@ -103,7 +103,7 @@ def launchable_kernels() -> set[str]:
 
 def kernel_name(fn) -> str:
     """"module.name" of a kernel's Python function, e.g. "rmsnorm._rmsnorm_fwd_kernel"."""
-    return f"{fn.__module__.rsplit('.', 1)[1]}.{fn.__name__}"
+    return f"{fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__}"
 
 
 @contextlib.contextmanager
