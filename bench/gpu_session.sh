@@ -93,7 +93,7 @@ if [ "$DRY_RUN" = 1 ]; then
     STEP_PRESETS=(tiny); STEP_SEQ=32; STEP_ARGS=(--rep-ms 10 --rounds 1 --scopes block step)
     CLUSTER_ARGS=(--hours 50 --seeds 2)
     TESTS=(tests/kernels/test_memory.py)
-    GEMM_ARGS=(--rep-ms 5); GEMM_TF32_ARGS=(--rep-ms 5)
+    GEMM_ARGS=(--rep-ms 5); GEMM_TF32_ARGS=(--rep-ms 5 --tf32)
 else
     KERNEL_PRESETS=(llama-350m llama-1b llama-7b); KERNEL_TOKENS=(8192); BASIS_PRESETS=(llama-1b llama-7b)
     KERNEL_REP_MS=50
