@@ -118,8 +118,8 @@ def test_approximating_policy_replays_exactly_through_a_kill(tmp_path, corpus_ca
     the same live sets give by schedule, with nobody dying: replays, healing and the job-wide bases change
     nothing. Every replica refreshes the bases at the same steps."""
     same = dict(policy=policy, basis=basis, tau=10, **SPREADING)
-    if policy == "auto":  # 1 of 4 down: spread-orphan 1.238x, approximating 1/4 of the batch (progress 0.95): 1.303
-        same.update(auto_penalty=0.2, auto_drop_penalty=1.5)  # beats spread's 1.333 and shrink's 1 / 0.625
+    if policy == "auto":  # 1 of 4 down: spread-orphan 1.233x, approximating 1/4 of the batch (progress 0.95): 1.298
+        same.update(neighbour_cost=0.7, auto_penalty=0.2, auto_drop_penalty=1.5)  # beats spread 1.333, shrink 1.6
     killed = make_config(tmp_path / "killed", corpus_cache, steps=110, inject=["kill@6:2"], **same)
     run(killed)
     series = check_replicas_agree(killed.run_path, killed.steps)
@@ -142,7 +142,10 @@ def test_approximating_policy_replays_exactly_through_a_kill(tmp_path, corpus_ca
     run(scheduled)
     replay = check_replicas_agree(scheduled.run_path, scheduled.steps)
     assert [r["plan"] for r in replay] == [r["plan"] for r in series]
-    assert relative_difference(final_model(killed.run_path), final_model(scheduled.run_path)) < 1e-12
+    # the two runs sum the gradients in another order (3 quorum members against 4, one sending zeros, in
+    # whatever order the ranks rejoined), which ~100 steps of neighbour-mode training amplify to up to ~5e-10
+    # (seen); bases refreshed one step off (tau 11 for 10) already moves the result by 2.6e-3
+    assert relative_difference(final_model(killed.run_path), final_model(scheduled.run_path)) < 1e-8
 
 
 AWKWARD = {  # injections, steps, restart the dead this many steps later, most replicas down at once
