@@ -63,6 +63,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from records import DEFAULT_CSV, Recorder  # noqa: E402
+from timing import MAX_RATIO_SPREAD  # noqa: E402
 
 from mecefo.failures import SCENARIOS, Schedule, load_schedule, scenario_schedule  # noqa: E402
 from mecefo.membership import POLICIES, StepPlan, plan_step  # noqa: E402
@@ -222,7 +223,8 @@ class StepRows:
     device: str
     config: str  # e.g. "small:L=6,B=1,S=256,r=8/8/21"
     commit: str
-    times_ms: dict[str, float]  # scenario -> median ms
+    normal_ms: float  # a normal replica's step, median
+    ratios: dict[str, float]  # scenario doing both shards -> its paired time ratio to normal (bench/timing.py)
 
     @property
     def preset(self) -> str:
@@ -234,15 +236,19 @@ class StepRows:
         return int(fields["B"]) * int(fields["S"])
 
     def costs(self, overhead_s: float = 0.0) -> StepCosts:
-        normal = self.times_ms["normal"]
-        return StepCosts(normal / 1e3, overhead_s, {p: self.times_ms[s] / normal for p, s in BOTH_SCENARIO.items()})
+        return StepCosts(self.normal_ms / 1e3, overhead_s, {p: self.ratios[s] for p, s in BOTH_SCENARIO.items()})
 
 
 def latest_step_rows(rows: list[dict], device: str | None, preset: str, seq: int | None) -> StepRows:
-    """The newest run's `step/step` times (normal, mecefo-both, exact-both) for a preset (and sequence
-    length) on a device whose name contains `device` (default: the device of the newest step rows)."""
-    wanted = ("normal", *BOTH_SCENARIO.values())
-    candidates = [r for r in rows if r["benchmark"] == "step/step" and r["metric"] == "time" and r["mode"] in wanted
+    """The newest run's `step/step` rows for a preset (and sequence length) on a device whose name contains
+    `device` (default: the device of the newest step rows): normal's time and the paired time ratios of
+    mecefo-both and exact-both. A run whose ratios were flagged (`time_ratio_unsupported`: their rounds
+    spread too much) is not used."""
+    both = tuple(BOTH_SCENARIO.values())
+    wanted = ("normal", *both)
+    candidates = [r for r in rows if r["benchmark"] == "step/step"
+                  and ((r["metric"] == "time" and r["mode"] == "normal") or (r["metric"] == "time_ratio"
+                                                                            and r["mode"] in both))
                   and r["config"].split(":", 1)[0] == preset
                   and (seq is None or f",S={seq}," in r["config"] + ",")]
     if device is not None:
@@ -255,13 +261,14 @@ def latest_step_rows(rows: list[dict], device: str | None, preset: str, seq: int
         groups.setdefault((r["device"], r["config"], r["commit"]), {})[r["mode"]] = r
     complete = [g for g in groups.values() if set(wanted) <= set(g)]  # in file order: the newest last
     if not complete:
-        raise LookupError(f"no bench/step.py 'step' scope rows with {', '.join(wanted)} for preset {preset!r}"
+        raise LookupError(f"no bench/step.py 'step' scope rows with {', '.join(wanted)} (normal's time, the others' "
+                          f"supported time ratios) for preset {preset!r}"
                           f"{'' if seq is None else f' at seq {seq}'}{'' if device is None else f' on {device!r}'}; "
                           f"run: python bench/step.py --presets {preset} --scopes step")
     group = max(reversed(complete), key=lambda g: max(r["timestamp"] for r in g.values()))
     first = group["normal"]
-    return StepRows(first["device"], first["config"], first["commit"],
-                    {mode: float(group[mode]["median"]) for mode in wanted})
+    return StepRows(first["device"], first["config"], first["commit"], float(first["median"]),
+                    {mode: float(group[mode]["median"]) for mode in both})
 
 
 def latest_event_costs(rows: list[dict]) -> EventCosts:
@@ -360,14 +367,15 @@ def measure_run(run_dir: Path, replicas: int, tokens_per_shard: int) -> Measured
 
 
 def neighbour_ratios(preset: str, seq: int, micro_batch: int, threads: int, rep_ms: float = 3500,
-                     rounds: int = 7) -> dict[str, float]:
+                     rounds: int = 7, max_spread: float = MAX_RATIO_SPREAD) -> dict[str, float]:
     """bench/step.py's model scope (forward + backward, as the trainer's compute) at the trainer's shape and
-    thread count: policy -> a neighbour's time doing both shards / a normal replica's time."""
+    thread count: policy -> a neighbour's time doing both shards / a normal replica's time, paired per
+    round (bench/timing.py). RuntimeError if a ratio is not supported by its rounds even after a rerun."""
     import torch
 
     import mecefo_kernels as mk
     from mecefo.presets import get_preset
-    from step import interleaved_times, model_workload
+    from step import model_workload, paired_ratios
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -377,11 +385,17 @@ def neighbour_ratios(preset: str, seq: int, micro_batch: int, threads: int, rep_
         work, _ = model_workload(preset_obj, preset_obj.num_layers, micro_batch, seq, mk.nn.decoder.DEFAULT_RANK,
                                  torch.float32, device, with_optimizer=False)
         names = ("normal", *BOTH_SCENARIO.values())
-        times = interleaved_times({name: work.scenario(name) for name in names}, device, rep_ms, rounds,
-                                  list(work.module.parameters()))
+        _, ratios = paired_ratios({name: work.scenario(name) for name in names}, device, rep_ms, rounds,
+                                  list(work.module.parameters()), max_spread=max_spread)
     finally:
         torch.set_num_threads(previous)
-    return {policy: times[name].median_ms / times["normal"].median_ms for policy, name in BOTH_SCENARIO.items()}
+    unsupported = [f"{name} {ratios[name].describe()}" for name in BOTH_SCENARIO.values()
+                   if not ratios[name].supported(max_spread)]
+    if unsupported:
+        raise RuntimeError(f"neighbour step ratios not supported by their measurement (spread above {max_spread:.0%}): "
+                           f"{'; '.join(unsupported)}; the machine is too busy to measure them, run again when it "
+                           "is quieter")
+    return {policy: ratios[name].median for policy, name in BOTH_SCENARIO.items()}
 
 
 def restart_and_save_costs(run_dir: Path) -> tuple[float, float]:
