@@ -130,6 +130,8 @@ class _MetricsTail:
                     self.last = r
                 elif event in ("warning", "resumed"):
                     self.news.append(r)
+                    if event == "resumed":  # steps before the checkpoint are committed (by an earlier launch)
+                        self.done = max(self.done, r["step"])
                 elif event == "checkpoint" and r["step"] == self.steps:
                     self.final_checkpoint = True
                 elif event == "eval" and r["step"] == self.steps:
