@@ -63,8 +63,14 @@ from mecefo.report import read_metrics, step_series  # noqa: E402
 from mecefo.replica import CORPUS_FILE  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-PARTS = ("quality", "seeds", "probe", "sweep")
-POLICIES = ("mecefo", "ndb-exact", "shrink")
+PARTS = ("quality", "seeds", "ladder", "probe", "sweep")
+# Training runs per approximation mode (MECEFO.md: quality depends only on which work is approximated,
+# not on who runs it; tests/trainer/test_sync.py shows a spread step and a neighbour step of the same
+# approximation give the same gradient): exact (spread: the full-batch gradient, as ndb-exact), orphan-only
+# (spread-orphan, = neighbour-orphan's quality), the paper's (mecefo), dropping (shrink); ":momentum" runs
+# a policy with gradient-aware bases (--basis momentum).
+POLICIES = ("shrink", "mecefo", "spread", "spread-orphan", "mecefo:momentum", "spread-orphan:momentum")
+LADDER = (300, 450, 600, 750)  # no-failure run lengths besides --steps: loss against steps, fully annealed
 SCHEDULES = ("low", "mid", "high")
 PAPER_REPLICAS = 32
 SCHEDULE_HOURS = 24.0  # the paper's clock hours one run spans (the trainer's default)
@@ -111,6 +117,30 @@ PROFILES = {
 }
 
 
+def parse_variant(text: str) -> tuple[str, str]:
+    """"spread-orphan:momentum" -> ("spread-orphan", "momentum"); "mecefo" -> ("mecefo", "weight")."""
+    from mecefo.policy import BASES, check_policy
+
+    policy, _, basis = text.partition(":")
+    check_policy(policy)
+    basis = basis or "weight"
+    if basis not in BASES:
+        raise ValueError(f"{text!r}: basis must be one of {', '.join(BASES)}")
+    return policy, basis
+
+
+def variant_arg(text: str) -> str:
+    try:
+        parse_variant(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def run_name(variant: str) -> str:
+    return variant.replace(":", "-")
+
+
 def rank_label(rank: float) -> str:
     if rank == 1.0:
         return "full"
@@ -129,12 +159,14 @@ def parse_rank(text: str) -> float:
 
 def train_config(profile: Profile, run_dir: Path, *, cache_dir: str | None, failures: str | None = None,
                  policy: str = "mecefo", rank: float | None = None, tau: int | None = None,
-                 checkpoint_every: int = 0, seed: int = 0) -> TrainConfig:
-    """``seed`` draws the initial weights, the data order and the failure schedule."""
-    steps = profile.steps
+                 checkpoint_every: int = 0, seed: int = 0, steps: int | None = None) -> TrainConfig:
+    """``seed`` draws the initial weights, the data order and the failure schedule; ``policy`` may carry a
+    basis (``spread-orphan:momentum``); ``steps`` overrides the profile's (the no-failure ladder)."""
+    policy, basis = parse_variant(policy)
+    steps = steps or profile.steps
     return TrainConfig(
         run_dir=str(run_dir), preset=profile.preset, device=profile.device, seed=seed, seq_len=profile.seq_len,
-        micro_batch=profile.micro_batch, replicas=profile.replicas, steps=steps, policy=policy,
+        micro_batch=profile.micro_batch, replicas=profile.replicas, steps=steps, policy=policy, basis=basis,
         rank=rank, tau=tau, lr=profile.lr, warmup=profile.warmup, failures=failures, schedule_hours=SCHEDULE_HOURS,
         checkpoint_every=checkpoint_every, keep_checkpoints=steps // max(checkpoint_every, 1) + 1,
         eval_every=profile.eval_every, eval_batches=profile.eval_batches, hash_state=False,
@@ -183,7 +215,8 @@ def train(cfg: TrainConfig, label: str) -> dict:
     schedule = load_schedule(cfg.failures, replicas=cfg.replicas, steps=cfg.steps, hours=cfg.schedule_hours,
                              seed=cfg.seed)
     run = {
-        "label": label, "run_dir": cfg.run_dir, "policy": cfg.policy, "rank": cfg.rank, "tau": cfg.tau,
+        "label": label, "run_dir": cfg.run_dir, "policy": cfg.policy, "basis": cfg.basis, "rank": cfg.rank,
+        "tau": cfg.tau, **work_fractions(series, cfg),
         "val_loss": evals[-1]["val_loss"], "val_ppl": math.exp(evals[-1]["val_loss"]),
         "val_curve": [[e["step"], e["val_loss"]] for e in evals],
         "train_loss": [r["loss"] for r in series],
@@ -199,6 +232,25 @@ def train(cfg: TrainConfig, label: str) -> dict:
     took = "reused" if reused else f"{run['wall_s']:.0f} s"
     print(f"  {label:<28} val loss {run['val_loss']:.4f}  ppl {run['val_ppl']:.4f}  ({took})", flush=True)
     return run
+
+
+def work_fractions(series: list[dict], cfg: TrainConfig) -> dict:
+    """Shares of the run's sequences (all steps) run in neighbour mode and dropped, from the plans the
+    trainer recorded (every replica's work items at every step)."""
+    total = cfg.steps * cfg.replicas * cfg.micro_batch
+    dropped = sum(r.get("dropped_sequences", len(r["dropped"]) * cfg.micro_batch) for r in series)
+    return {"approximated_fraction": approximated_sequences(cfg.run_path) / total, "dropped_fraction": dropped / total}
+
+
+def approximated_sequences(run_dir: Path) -> int:
+    """Sequences run in neighbour mode, summed over the committed steps of every replica."""
+    seen, count = set(), 0
+    for r in read_metrics(run_dir):
+        if "event" in r or (r["step"], r["replica"]) in seen:
+            continue
+        seen.add((r["step"], r["replica"]))
+        count += sum(b - a for _, a, b, mode in r.get("work", []) if mode == "neighbour")
+    return count
 
 
 def with_change(run: dict, reference: dict) -> dict:
@@ -218,7 +270,7 @@ def quality(profile: Profile, work: Path, cache_dir: str | None, schedules, poli
     for schedule in schedules:
         label = schedule_label(schedule)
         for policy in policies:
-            cfg = train_config(profile, work / f"{label}-{policy}", cache_dir=cache_dir,
+            cfg = train_config(profile, work / f"{label}-{run_name(policy)}", cache_dir=cache_dir,
                                failures=schedule_spec(schedule), policy=policy)
             runs[f"{label}/{policy}"] = with_change(train(cfg, f"{label} / {policy}"), reference)
     return {"reference": reference, "runs": runs, "schedules": [schedule_label(s) for s in schedules],
@@ -226,7 +278,7 @@ def quality(profile: Profile, work: Path, cache_dir: str | None, schedules, poli
 
 
 SEED_RUN_KEYS = ("val_loss", "val_ppl", "ppl_change_pct", "failed_fraction", "steps_under_failure", "max_dead",
-                 "train_s")
+                 "train_s", "val_curve", "approximated_fraction", "dropped_fraction")
 
 
 def seeds(profile: Profile, work: Path, cache_dir: str | None, schedule: str, policies, seed_list) -> dict:
@@ -243,14 +295,35 @@ def seeds(profile: Profile, work: Path, cache_dir: str | None, schedule: str, po
         ref_cfg = (reference_config(profile, work, cache_dir) if seed == 0
                    else train_config(profile, base / "none", cache_dir=cache_dir, seed=seed))
         reference = train(ref_cfg, f"seed {seed}: no failure")
-        runs = {"none": {k: reference[k] for k in ("val_loss", "val_ppl", "train_s")}}
+        runs = {"none": {k: reference[k] for k in ("val_loss", "val_ppl", "train_s", "val_curve")}}
         for policy in policies:
-            cfg = train_config(profile, base / f"{label}-{policy}", cache_dir=cache_dir,
+            cfg = train_config(profile, base / f"{label}-{run_name(policy)}", cache_dir=cache_dir,
                                failures=schedule_spec(schedule), policy=policy, seed=seed)
             run = with_change(train(cfg, f"seed {seed}: {label} / {policy}"), reference)
             runs[policy] = {k: run[k] for k in SEED_RUN_KEYS}
         per_seed[str(seed)] = runs
     return {"schedule": label, "policies": list(policies), "seeds": list(seed_list), "runs": per_seed}
+
+
+def ladder(profile: Profile, work: Path, cache_dir: str | None, seed_list, lengths) -> dict:
+    """No-failure runs of other lengths (each its own warm-up and cosine decay to its end): the validation
+    loss a failure-free job reaches in S steps, per seed. Time-to-quality reads a policy's final loss off
+    this curve as the steps a failure-free job needs to match it (its effective steps)."""
+    lengths = sorted({*lengths, profile.steps})
+    print(f"[ladder] no-failure runs of {lengths} steps, seeds {list(seed_list)}", flush=True)
+    per_seed = {}
+    for seed in seed_list:
+        base = work if seed == 0 else work / f"seed{seed}"
+        losses = {}
+        for steps in lengths:
+            if steps == profile.steps:
+                cfg = (reference_config(profile, work, cache_dir) if seed == 0
+                       else train_config(profile, base / "none", cache_dir=cache_dir, seed=seed))
+            else:
+                cfg = train_config(profile, base / f"none-steps{steps}", cache_dir=cache_dir, seed=seed, steps=steps)
+            losses[str(steps)] = train(cfg, f"seed {seed}: no failure, {steps} steps")["val_loss"]
+        per_seed[str(seed)] = losses
+    return {"lengths": lengths, "seeds": list(seed_list), "val_loss": per_seed}
 
 
 def mean_sd(values) -> tuple[float, float]:
@@ -754,7 +827,7 @@ def regenerate_command(parser: argparse.ArgumentParser, args: argparse.Namespace
             words.append(f"--{name.replace('_', '-')} {getattr(args, name)}")
     if parts != list(PARTS):
         words.append("--parts " + " ".join(parts))
-    for name in ("schedules", "policies", "seeds", "ranks", "taus"):
+    for name in ("schedules", "policies", "seeds", "ranks", "taus", "ladder"):
         value = getattr(args, name)
         if value is not None and value != parser.get_default(name):
             shown = map(rank_label, value) if name == "ranks" else map(str, value)
@@ -768,7 +841,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--schedules", nargs="+", default=list(SCHEDULES),
                         help="low, mid, high, or schedule files ('REPLICA START END' lines)")
-    parser.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
+    parser.add_argument("--policies", nargs="+", type=variant_arg, default=list(POLICIES),
+                        help="policy presets, each optionally with :momentum (gradient-aware bases)")
+    parser.add_argument("--ladder", nargs="+", type=int, default=list(LADDER),
+                        help="no-failure run lengths of the ladder part (besides --steps)")
     parser.add_argument("--sweep-schedule", default="high",
                         help="the schedule of the seeds and sweep parts and of the probe's worst plan")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4],
@@ -824,6 +900,8 @@ def main(argv: list[str] | None = None) -> int:
             results["quality"] = quality(profile, work, cache, args.schedules, args.policies)
         elif part == "seeds":
             results["seeds"] = seeds(profile, work, cache, args.sweep_schedule, args.policies, args.seeds)
+        elif part == "ladder":
+            results["ladder"] = ladder(profile, work, cache, args.seeds, args.ladder)
         elif part == "probe":
             results["probe"] = probe(profile, work, cache, args.sweep_schedule, args.threads)
         else:

@@ -11,7 +11,7 @@ any device) and, on GPU, memory held after forward and peak memory per call.
 
 Derived rates, against ceilings measured at the start of the same run (a large matrix product
 and a large copy, bench/timing.measure_ceilings): TFLOP/s for the matmul ops (the matmul FLOPs
-each provider executes, recomputation included; bench/flops.py) and GB/s for the memory-bound
+each provider executes, recomputation included; mecefo.flops) and GB/s for the memory-bound
 ones (RMSNorm, the elementwise SwiGLU), each also as a fraction of its ceiling.
 """
 
@@ -27,13 +27,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from flops import attention_forward_flops, ffn_backward_flops, ffn_forward_flops, linear_flops  # noqa: E402
-from flops import lowrank_weight_grad_flops  # noqa: E402
 from records import Recorder  # noqa: E402
 from timing import (MAX_RATIO_SPREAD, Ceilings, Timing, measure_ceilings, peak_memory_bytes,  # noqa: E402
                     retained_memory_bytes, time_fn)
 
 import mecefo_kernels as mk  # noqa: E402
+from mecefo.flops import (attention_forward_flops, ffn_backward_flops, ffn_forward_flops, linear_flops,  # noqa: E402
+                          lowrank_weight_grad_flops)
 from mecefo.presets import get_preset  # noqa: E402
 from mecefo_kernels import backend as mk_backend  # noqa: E402
 from mecefo_kernels.memory import SavedTensors  # noqa: E402

@@ -30,7 +30,6 @@ metric ``time_ratio_unsupported`` instead of ``time_ratio``.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,12 +39,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from flops import attention_forward_flops, ffn_forward_flops, ffn_backward_flops  # noqa: E402
 from records import Recorder  # noqa: E402
 from timing import MAX_RATIO_SPREAD, Ratio, interleaved_rounds, paired_ratio, peak_memory_bytes, summary_timing  # noqa: E402,E501
 
 import mecefo_kernels as mk  # noqa: E402
 from mecefo_kernels.memory import SavedTensors  # noqa: E402
+from mecefo.flops import layer_flops, model_flops  # noqa: E402
 from mecefo.presets import ModelPreset, get_preset  # noqa: E402
 
 
@@ -85,26 +84,12 @@ class Shape:
         return self.batch * self.seq
 
 
-def layer_forward_flops(s: Shape, batch: int) -> float:
-    """Matmul FLOPs of one decoder layer's forward: projections, causal attention (half of S^2), SwiGLU."""
-    return attention_forward_flops(batch, s.seq, s.d, s.kv) + ffn_forward_flops(batch * s.seq, s.d, s.h)
-
-
-def layer_flops(s: Shape, neighbor: bool, batch: int) -> float:
-    """Forward + backward of one layer. Normal: 3F. Neighbour: F, plus the FFN recompute (gate, up),
-    the exact FFN input gradients, and MeCeFO's low-rank weight gradients; no attention backward."""
-    f = layer_forward_flops(s, batch)
-    if not neighbor:
-        return 3 * f
-    return f + ffn_backward_flops(batch * s.seq, s.d, s.h, s.ranks)
-
-
 def micro_batch_flops(s: Shape, scope: str, neighbor: bool, batch: int) -> float:
-    flops = layer_flops(s, neighbor, batch)
+    """Forward + backward of one micro-batch of ``batch`` sequences (mecefo.flops: layer, or whole model)."""
+    ranks = s.ranks if neighbor else None
     if scope == "block":
-        return flops
-    head = 6 * batch * s.seq * s.d * s.vocab  # LM head forward, input and weight gradients: exact in both modes
-    return s.layers * flops + head
+        return layer_flops(batch, s.seq, s.d, s.h, s.kv, ranks)
+    return model_flops(batch, s.seq, s.d, s.h, s.kv, s.layers, s.vocab, ranks)
 
 
 def floor_flops(s: Shape, scope: str, scenario: str) -> float:

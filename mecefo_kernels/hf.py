@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .nn.decoder import (DEFAULT_BASIS_METHOD, DEFAULT_RANK, DEFAULT_REFRESH_EVERY, check_decoder_layer,
-                         make_neighbor_capable)
+from .nn.decoder import (DEFAULT_BASIS_METHOD, DEFAULT_BASIS_SOURCE, DEFAULT_RANK, DEFAULT_REFRESH_EVERY,
+                         check_decoder_layer, make_neighbor_capable)
 
 
 def decoder_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -44,7 +44,8 @@ def _check_transformers_version(layer: nn.Module) -> None:
 
 
 def apply_mecefo(model: nn.Module, *, rank: int | float = DEFAULT_RANK, refresh_every: int = DEFAULT_REFRESH_EVERY,
-                 basis_method: str = DEFAULT_BASIS_METHOD, backend: str | None = None) -> nn.Module:
+                 basis_method: str = DEFAULT_BASIS_METHOD, basis: str = DEFAULT_BASIS_SOURCE,
+                 backend: str | None = None) -> nn.Module:
     """Make every decoder layer of model neighbour-capable, in place, and compute the first bases.
 
     Parameters are shared, not copied: ``state_dict()`` keys and values are unchanged (the
@@ -65,6 +66,10 @@ def apply_mecefo(model: nn.Module, *, rank: int | float = DEFAULT_RANK, refresh_
             ``step=``. Default 200.
         basis_method: "randomized" (default; randomized SVD, O(out * in * (rank + 8)) per pass
             instead of a full SVD's O(out * in * min(out, in))) or "svd" (exact top singular vectors).
+        basis: what V is the top-r right singular vectors of: "weight" (default; W itself, the
+            paper) or "momentum" (each FFN weight's optimizer first moment, a gradient-aware
+            subspace: pass ``optimizer=`` to :func:`mecefo_kernels.refresh_bases`; W is used where
+            there is no moment yet, e.g. for the bases computed here).
         backend: kernel backend for the neighbour FFN op (None: $MECEFO_BACKEND or auto).
 
     Returns:
@@ -79,5 +84,5 @@ def apply_mecefo(model: nn.Module, *, rank: int | float = DEFAULT_RANK, refresh_
         _check_transformers_version(layer)
     for _, layer in layers:
         make_neighbor_capable(layer, rank=rank, refresh_every=refresh_every, basis_method=basis_method,
-                              backend=backend)
+                              basis=basis, backend=backend)
     return model

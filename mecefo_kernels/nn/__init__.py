@@ -6,16 +6,18 @@
 * ``NeighborLlamaDecoderLayer``: transformers' LlamaDecoderLayer with neighbour mode,
   ``NeighborLlamaDecoderLayer(config, layer_idx, rank=..., refresh_every=...)`` (needs transformers).
 * :class:`NeighborCapable` and the whole-model helpers :func:`neighbor_mode`,
-  :func:`refresh_bases`, :func:`neighbor_skipped_parameters`.
+  :func:`refresh_bases`, :func:`neighbor_skipped_parameters`, :func:`bases_state_dict`,
+  :func:`load_bases_state_dict`.
 """
 
 from .decoder import NeighborDecoderMixin, make_neighbor_capable, neighbor_decoder_class
-from .neighbor import NeighborCapable, neighbor_mode, neighbor_skipped_parameters, refresh_bases
+from .neighbor import (NeighborCapable, bases_state_dict, load_bases_state_dict, neighbor_mode,
+                       neighbor_skipped_parameters, refresh_bases)
 from .rmsnorm import RMSNorm
 
-__all__ = ["NeighborCapable", "NeighborDecoderMixin", "NeighborLlamaDecoderLayer", "RMSNorm",
-           "make_neighbor_capable", "neighbor_decoder_class", "neighbor_mode", "neighbor_skipped_parameters",
-           "refresh_bases"]
+__all__ = ["NeighborCapable", "NeighborDecoderMixin", "NeighborLlamaDecoderLayer", "RMSNorm", "bases_state_dict",
+           "load_bases_state_dict", "make_neighbor_capable", "neighbor_decoder_class", "neighbor_mode",
+           "neighbor_skipped_parameters", "refresh_bases"]
 
 
 def __getattr__(name: str):

@@ -25,6 +25,7 @@ Swapping the class (as torch.nn.utils.parametrize does) rather than wrapping the
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,8 @@ from .neighbor import NeighborCapable
 DEFAULT_RANK = 1 / 32
 DEFAULT_REFRESH_EVERY = 200
 DEFAULT_BASIS_METHOD = "randomized"
+BASIS_SOURCES = ("weight", "momentum")
+DEFAULT_BASIS_SOURCE = "weight"
 
 _BASIS_NAMES = ("mecefo_basis_gate", "mecefo_basis_up", "mecefo_basis_down")
 
@@ -131,17 +134,24 @@ class NeighborDecoderMixin(NeighborCapable, nn.Module):
         mecefo_neighbor: the mode flag (set by :func:`mecefo_kernels.neighbor_mode`).
         mecefo_rank: the requested rank (int, or fraction of each weight's in_features).
         refresh_every: steps between basis refreshes (see :func:`mecefo_kernels.refresh_bases`).
+        mecefo_basis_source: "weight" (V from W, the paper) or "momentum" (V from the optimizer's
+            first moment of W when :func:`mecefo_kernels.refresh_bases` is given the optimizer).
         mecefo_basis_gate [d, r_g], mecefo_basis_up [d, r_u], mecefo_basis_down [h, r_d]:
             non-persistent buffers, float32 (float64 for float64 weights).
+        mecefo_bases_from: what the current bases were computed from, per projection
+            ("weight" or "momentum": a momentum basis falls back to W where the moment is missing).
     """
 
     def __init__(self, *args, rank: int | float = DEFAULT_RANK, refresh_every: int = DEFAULT_REFRESH_EVERY,
-                 basis_method: str = DEFAULT_BASIS_METHOD, backend: str | None = None, **kwargs):
+                 basis_method: str = DEFAULT_BASIS_METHOD, basis: str = DEFAULT_BASIS_SOURCE,
+                 backend: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.configure_mecefo(rank=rank, refresh_every=refresh_every, basis_method=basis_method, backend=backend)
+        self.configure_mecefo(rank=rank, refresh_every=refresh_every, basis_method=basis_method, basis=basis,
+                              backend=backend)
 
     def configure_mecefo(self, *, rank: int | float = DEFAULT_RANK, refresh_every: int = DEFAULT_REFRESH_EVERY,
-                         basis_method: str = DEFAULT_BASIS_METHOD, backend: str | None = None) -> None:
+                         basis_method: str = DEFAULT_BASIS_METHOD, basis: str = DEFAULT_BASIS_SOURCE,
+                         backend: str | None = None) -> None:
         """Set the neighbour-mode options and compute the bases from the current weights."""
         check_decoder_layer(self, type(self).__name__)
         d, h = self.mlp.gate_proj.in_features, self.mlp.gate_proj.out_features
@@ -149,19 +159,36 @@ class NeighborDecoderMixin(NeighborCapable, nn.Module):
         resolve_rank(rank, h)
         if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1:
             raise ValueError(f"refresh_every must be a positive int (steps), got {refresh_every!r}")
+        if basis not in BASIS_SOURCES:
+            raise ValueError(f"basis must be one of {', '.join(BASIS_SOURCES)}, got {basis!r}")
         self.mecefo_rank = rank
         self.refresh_every = refresh_every
         self.mecefo_basis_method = basis_method
+        self.mecefo_basis_source = basis
         self.mecefo_backend = backend
         self.refresh_bases()
 
+    def basis_names(self) -> tuple[str, ...]:
+        return _BASIS_NAMES
+
     @torch.no_grad()
-    def refresh_bases(self) -> None:
+    def refresh_bases(self, moments: Mapping[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """V of each projection from its weight, or (basis "momentum") from ``moments[weight]`` where
+        that exists and is not all zeros."""
         mlp = self.mlp
+        sources = []
         for name, lin in zip(_BASIS_NAMES, (mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
             rank = resolve_rank(self.mecefo_rank, lin.in_features)
-            self.register_buffer(name, lowrank_basis(lin.weight, rank, method=self.mecefo_basis_method),
-                                 persistent=False)
+            matrix, source = lin.weight, "weight"
+            if self.mecefo_basis_source == "momentum" and moments is not None:
+                moment = moments.get(lin.weight)
+                if moment is not None and moment.shape == lin.weight.shape and bool(moment.any()):
+                    matrix, source = moment, "momentum"
+            basis = lowrank_basis(matrix, rank, method=self.mecefo_basis_method,
+                                  dtype=torch.float64 if lin.weight.dtype == torch.float64 else torch.float32)
+            self.register_buffer(name, basis, persistent=False)
+            sources.append(source)
+        self.mecefo_bases_from = tuple(sources)
 
     def skipped_parameter_names(self) -> list[str]:
         return ([f"self_attn.{n}" for n, _ in self.self_attn.named_parameters()]

@@ -11,16 +11,17 @@ of its forward, wherever the backward runs.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
+import torch
 from torch import nn
 
 
 class NeighborCapable:
     """Mixin for modules with a normal and a neighbour forward path.
 
-    Subclasses implement :meth:`skipped_parameter_names` and :meth:`refresh_bases` and set
-    ``refresh_every`` (steps between basis refreshes).
+    Subclasses implement :meth:`skipped_parameter_names`, :meth:`basis_names` and
+    :meth:`refresh_bases` and set ``refresh_every`` (steps between basis refreshes).
     """
 
     mecefo_neighbor: bool = False  # class default; neighbor_mode sets it per instance
@@ -30,8 +31,13 @@ class NeighborCapable:
         """Names (relative to this module) of the parameters that get no gradient in neighbour mode."""
         raise NotImplementedError
 
-    def refresh_bases(self) -> None:
-        """Recompute the low-rank bases from the current weights."""
+    def basis_names(self) -> tuple[str, ...]:
+        """Names of the (non-persistent) buffers holding the low-rank bases."""
+        raise NotImplementedError
+
+    def refresh_bases(self, moments: Mapping[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Recompute the low-rank bases from the current weights (or, where the module's basis
+        source is "momentum", from ``moments[weight]``, the optimizer's first moment)."""
         raise NotImplementedError
 
 
@@ -82,13 +88,25 @@ def neighbor_mode(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]
                 m.gradient_checkpointing = checkpointing
 
 
-def refresh_bases(model: nn.Module, *, step: int | None = None) -> bool:
-    """Recompute the low-rank FFN bases of every patched layer from the current weights.
+def optimizer_moments(optimizer: torch.optim.Optimizer) -> dict[torch.Tensor, torch.Tensor]:
+    """Parameter -> its first moment (``exp_avg``: Adam, AdamW, Lion, ...) for every parameter that has one."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    return {p: state["exp_avg"] for p, state in optimizer.state.items()
+            if isinstance(state.get("exp_avg"), torch.Tensor)}
+
+
+def refresh_bases(model: nn.Module, *, step: int | None = None, optimizer: torch.optim.Optimizer | None = None) -> bool:
+    """Recompute the low-rank FFN bases of every patched layer.
 
     Args:
         model: a model patched by :func:`mecefo_kernels.apply_mecefo`.
         step: if given, refresh only when ``step % refresh_every == 0`` (the period chosen at
             patch time), so a trainer can call this every step. None: refresh now.
+        optimizer: layers patched with ``basis="momentum"`` take V from the top right singular
+            vectors of each FFN weight's first moment in this optimizer's state (``exp_avg``:
+            Adam / AdamW), falling back to the weight where there is none yet (before the first
+            update) or it is all zeros. Without it every layer uses its weights.
 
     Returns:
         Whether the bases were recomputed.
@@ -98,9 +116,33 @@ def refresh_bases(model: nn.Module, *, step: int | None = None) -> bool:
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be a non-negative int or None, got {step!r}")
         modules = [m for m in modules if step % m.refresh_every == 0]
+    moments = optimizer_moments(optimizer) if optimizer is not None else None
     for m in modules:
-        m.refresh_bases()
+        m.refresh_bases(moments)
     return bool(modules)
+
+
+def bases_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The low-rank bases of every patched layer, by qualified buffer name.
+
+    They are non-persistent buffers (not in ``model.state_dict()``); a trainer that wants a
+    replica it heals, or a run it resumes, to use the same bases sends or saves these."""
+    return {f"{prefix}.{name}" if prefix else name: getattr(m, name)
+            for prefix, m in neighbor_modules(model) for name in m.basis_names()}
+
+
+@torch.no_grad()
+def load_bases_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Install bases from :func:`bases_state_dict` (of a model with the same shapes and rank)."""
+    current = bases_state_dict(model)
+    if set(state) != set(current):
+        missing, unexpected = sorted(set(current) - set(state)), sorted(set(state) - set(current))
+        raise ValueError(f"bases state does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for name, value in state.items():
+        if tuple(value.shape) != tuple(current[name].shape):
+            raise ValueError(f"basis {name}: shape {tuple(value.shape)} in the state, {tuple(current[name].shape)} "
+                             "in the model (another rank?)")
+        current[name].copy_(value)
 
 
 def neighbor_skipped_parameters(model: nn.Module) -> list[str]:

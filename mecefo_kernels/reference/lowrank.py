@@ -71,4 +71,10 @@ def randomized_basis(weight: torch.Tensor, rank: int, compute_dtype: torch.dtype
         q, _ = torch.linalg.qr(w @ q)  # [out, k]
         q, _ = torch.linalg.qr(w.t() @ q)  # [in, k]
     _, _, vh_small = torch.linalg.svd(w @ q, full_matrices=False)  # (W Q) = U S Vh_small
-    return (q @ vh_small[:rank].t()).contiguous()
+    basis = (q @ vh_small[:rank].t()).contiguous()
+    # A weight of numerical rank below `rank` (all zeros, say) leaves the sketch rank-deficient and
+    # the QRs return zero columns; the exact SVD completes the basis with null-space directions.
+    gram = basis.t() @ basis
+    if (gram - torch.eye(rank, dtype=gram.dtype, device=gram.device)).abs().max() > 1e-3:
+        return svd_basis(weight, rank, compute_dtype)
+    return basis

@@ -12,7 +12,8 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .membership import POLICIES, check_policy
+from .membership import DEFAULT_MAX_LOAD, DEFAULT_PENALTY
+from .policy import APPROXIMATIONS, BASES, POLICIES, TAKEOVERS, Policy, check_policy, resolve_policy
 from .presets import PRESETS, get_preset
 
 DTYPES = ("float32", "float64", "bfloat16")
@@ -46,11 +47,17 @@ class TrainConfig:
     # job
     replicas: int = 4
     steps: int = 200
-    policy: str = "mecefo"
-    # MeCeFO: low-rank gradient rank (int, or fraction of in_features) and the bases' refresh period
-    # in steps while a neighbour; None: mecefo_kernels' defaults
+    policy: str = "mecefo"  # a preset (mecefo.policy.PRESETS); takeover / approximate override its fields
+    takeover: str | None = None  # neighbour | spread | drop | auto (None: the preset's)
+    approximate: str | None = None  # both | orphan | none | auto (None: the preset's)
+    max_load: float = DEFAULT_MAX_LOAD  # spread: the most work a replica runs in a step, in shards
+    neighbour_cost: float | None = None  # a neighbour-mode sequence / an exact one (None: the model's FLOP ratio)
+    auto_penalty: float = DEFAULT_PENALTY  # auto: progress lost per unit share of the batch approximated
+    # MeCeFO: low-rank gradient rank (int, or fraction of in_features), the bases' refresh period in
+    # steps during a failure episode (None: mecefo_kernels' defaults), and what the bases come from
     rank: int | float | None = None
     tau: int | None = None
+    basis: str = "weight"  # weight (the paper) | momentum (AdamW's first moment of each FFN weight)
     # optimizer: AdamW, linear warm-up then cosine decay to min_lr_ratio * lr
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
@@ -87,6 +94,15 @@ class TrainConfig:
 
     def validate(self) -> None:
         check_policy(self.policy)
+        self.resolved_policy  # noqa: B018  (raises on a bad takeover / approximate combination)
+        if self.basis not in BASES:
+            raise ValueError(f"basis must be one of {', '.join(BASES)}, got {self.basis!r}")
+        if self.max_load < 1:
+            raise ValueError(f"max_load must be >= 1 (shards of work a replica runs), got {self.max_load}")
+        if self.neighbour_cost is not None and not self.neighbour_cost > 0:
+            raise ValueError(f"neighbour_cost must be > 0, got {self.neighbour_cost}")
+        if self.auto_penalty < 0:
+            raise ValueError(f"auto_penalty must be >= 0, got {self.auto_penalty}")
         preset = get_preset(self.preset)
         if self.device not in DEVICES:
             raise ConfigError("device", f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
@@ -123,6 +139,11 @@ class TrainConfig:
             raise ConfigError("betas", f"betas must be two numbers in [0, 1), got {self.betas}")
         if self.failures is not None and not self.failures.startswith("schedule:"):
             raise ConfigError("failures", f"failures must look like schedule:low|mid|high|FILE, got {self.failures!r}")
+
+    @property
+    def resolved_policy(self) -> Policy:
+        """The policy preset with --takeover / --approximate applied."""
+        return resolve_policy(self.policy, takeover=self.takeover, approximate=self.approximate)
 
     @property
     def run_path(self) -> Path:
@@ -182,14 +203,34 @@ def add_train_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig) 
     g.add_argument("--replicas", type=int, default=d.replicas, help="data-parallel replicas = shards per global batch")
     g.add_argument("--steps", type=int, default=d.steps)
     g.add_argument("--policy", default=d.policy, choices=POLICIES,
-                   help="mecefo: neighbours run both shards in MeCeFO neighbour mode; ndb-exact: neighbours "
-                        "run the orphan shard exactly; shrink: drop dead shards (torchft default); "
-                        "restart: checkpoint-restart the whole job on any failure")
+                   help="what happens to a dead replica's shard (README, 'Policies'): mecefo (its neighbour runs "
+                        "it, both shards in MeCeFO neighbour mode), ndb-exact (its neighbour runs it exactly), "
+                        "spread (its sequences spread over every live replica, exact), spread-orphan / "
+                        "neighbour-orphan (only the taken-over sequences in neighbour mode), auto (per step, the "
+                        "plan that keeps the batch with the least predicted time per unit of progress), shrink "
+                        "(dropped, torchft's default), restart (checkpoint-restart the whole job)")
+    g.add_argument("--takeover", default=d.takeover, choices=TAKEOVERS,
+                   help="override the policy's takeover: who runs a dead replica's sequences")
+    g.add_argument("--approximate", default=d.approximate, choices=APPROXIMATIONS,
+                   help="override the policy's approximation: which work runs in MeCeFO neighbour mode")
+    g.add_argument("--max-load", type=float, default=d.max_load,
+                   help="spread: the most work one replica runs in a step, in shards (default %(default)s); "
+                        "sequences beyond every replica's bound are dropped and reported")
+    g.add_argument("--neighbour-cost", type=float, default=d.neighbour_cost,
+                   help="time of a neighbour-mode sequence / an exact one, for spreading and auto (default: "
+                        "the model's FLOP ratio; bench/step.py's neighbor/normal on your hardware is better)")
+    g.add_argument("--auto-penalty", type=float, default=d.auto_penalty,
+                   help="auto: training progress lost per unit share of the batch run in neighbour mode (default "
+                        "%(default)s, measured by bench/fidelity.py): exact work is preferred while it costs at most "
+                        "1/(1 - penalty x share) - 1 more step time")
     g.add_argument("--rank", type=_rank, default=d.rank,
                    help="MeCeFO low-rank gradient rank: an int, or a fraction of each weight's in_features "
                         "(default: mecefo_kernels' default)")
     g.add_argument("--tau", type=int, default=d.tau,
-                   help="refresh the low-rank bases every TAU steps while a neighbour (default: mecefo_kernels')")
+                   help="refresh the low-rank bases every TAU steps during a failure (default: mecefo_kernels')")
+    g.add_argument("--basis", default=d.basis, choices=BASES,
+                   help="low-rank bases from each FFN weight (the paper) or from its AdamW first moment "
+                        "(gradient-aware; default %(default)s)")
 
     g = parser.add_argument_group("optimizer (AdamW, warm-up + cosine)")
     g.add_argument("--lr", type=float, default=d.lr)

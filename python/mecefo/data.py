@@ -12,7 +12,8 @@ Corpora (all end up as two flat token files, train and validation):
 The launcher builds the token files once into a cache directory (atomically) and every replica
 memory-maps them. A batch is a pure function of ``(seed, step, shard)``: the start offsets of its
 sequences come from a counter-based generator seeded with those three numbers, so any replica
-can compute any shard's micro-batch, and a discarded step is replayed exactly.
+can compute any shard's micro-batch (or any range of its sequences), and a discarded step is
+replayed exactly.
 """
 
 from __future__ import annotations
@@ -201,18 +202,27 @@ class Batches:
             if len(split) < seq_len + 2:
                 raise ValueError(f"the {name} split has {len(split)} tokens, fewer than seq_len + 2 = {seq_len + 2}")
 
-    def _sample(self, split: np.ndarray, key: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sample(self, split: np.ndarray, key: tuple[int, ...], start: int = 0,
+                stop: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng(np.random.SeedSequence(key))
-        starts = rng.integers(0, len(split) - self.seq_len - 1, size=self.micro_batch)
+        starts = rng.integers(0, len(split) - self.seq_len - 1, size=self.micro_batch)[start:stop]
         rows = np.stack([np.asarray(split[s:s + self.seq_len + 1], dtype=np.int64) for s in starts])
         tokens = torch.from_numpy(rows)
         return tokens[:, :-1], tokens[:, 1:]
 
-    def batch(self, step: int, shard: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets), each ``[micro_batch, seq_len]`` int64, for shard ``shard`` of step ``step``."""
+    def batch(self, step: int, shard: int, start: int = 0, stop: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets), each ``[stop - start, seq_len]`` int64: sequences ``[start, stop)`` of shard
+        ``shard``'s micro-batch at step ``step`` (default: all ``micro_batch`` of them).
+
+        A slice holds exactly those rows of the whole micro-batch, so work split across replicas
+        by sequence ranges sees the same data as one replica running the whole shard."""
         if step < 0 or shard < 0:
             raise ValueError(f"step and shard must be >= 0, got step={step}, shard={shard}")
-        return self._sample(self.train, (self.seed, step, shard))
+        stop = self.micro_batch if stop is None else stop
+        if not 0 <= start < stop <= self.micro_batch:
+            raise ValueError(f"sequence range [{start}, {stop}) is not a non-empty range within the shard's "
+                             f"{self.micro_batch} sequences")
+        return self._sample(self.train, (self.seed, step, shard), start, stop)
 
     def val_batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self._sample(self.val, (self.seed + _VAL_SEED_OFFSET, index))

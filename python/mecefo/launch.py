@@ -166,7 +166,7 @@ class Supervisor:
         self.said: set[str] = set()  # console messages already printed (every replica warns alike)
         schedule = load_schedule(cfg.failures, replicas=cfg.replicas, steps=cfg.steps,
                                  hours=cfg.schedule_hours, seed=cfg.seed)
-        self.max_job_restarts = cfg.max_restarts + (len(schedule.failure_starts()) if cfg.policy == "restart" else 0)
+        self.max_job_restarts = cfg.max_restarts + (len(schedule.failure_starts()) if cfg.resolved_policy.restart else 0)
 
     # ---- console ----------------------------------------------------------------------------
 
@@ -271,7 +271,7 @@ class Supervisor:
                 self.finished.add(replica)
             elif code == FENCED_EXIT_CODE and self.finished:
                 self.say(f"replica {replica} was fenced: it fell behind a job that has finished without it")
-            elif code == RESTART_EXIT_CODE or self.cfg.policy == "restart":
+            elif code == RESTART_EXIT_CODE or self.cfg.resolved_policy.restart:
                 self._restart_job(f"replica {replica} exited with {code}")
                 return
             else:
@@ -340,7 +340,7 @@ class Supervisor:
         cfg = self.cfg
         deadline = time.monotonic() + cfg.max_wall_s
         self.bar = bar = tqdm(total=cfg.steps, unit="step", dynamic_ncols=True, disable=not self.progress,
-                              mininterval=0.5, desc=f"{cfg.policy} x{cfg.replicas}")
+                              mininterval=0.5, desc=f"{cfg.resolved_policy.name} x{cfg.replicas}")
         try:
             self._launch_all(resume=cfg.resume)
             while self.procs or (self.dead and not self.finished):
@@ -504,7 +504,7 @@ def train_main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         parser.config_error(e)
     if not cfg.run_dir:
-        cfg = replace(cfg, run_dir=_timestamped(cfg.policy))
+        cfg = replace(cfg, run_dir=_timestamped(cfg.resolved_policy.name))
     return _run_and_print(parser, cfg, progress=not args.no_progress)
 
 
@@ -547,6 +547,6 @@ def demo_main(argv: list[str] | None = None) -> int:
         parser.config_error(e)
     if not cfg.run_dir:
         cfg = replace(cfg, run_dir=_timestamped("demo"))
-    print(f"mecefo-demo: {cfg.replicas} replicas, preset {cfg.preset}, policy {cfg.policy}, {cfg.steps} steps, "
+    print(f"mecefo-demo: {cfg.replicas} replicas, preset {cfg.preset}, policy {cfg.resolved_policy.name}, {cfg.steps} steps, "
           f"injected: {', '.join(cfg.inject) or 'nothing'}; output in {cfg.run_dir}", flush=True)
     return _run_and_print(parser, cfg, progress=not args.no_progress)

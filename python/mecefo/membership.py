@@ -1,43 +1,65 @@
-"""Who runs which data shard in a step: the live set, neighbour assignment, dropped shards.
+"""Who runs which sequences in a step, in which mode: the step plan and its gradient normalisers.
 
-The job has ``n`` replicas and the global batch has ``n`` shards; replica ``i`` owns shard ``i``.
-Each step starts from the set of live replicas (torchft's quorum, minus replicas a failure
-schedule has taken out). Everything here is a pure function of ``(n, live, policy)``, so every
-replica computes the same plan without talking to the others.
+The job has ``n`` replicas and the global batch has ``n`` shards of ``m`` sequences; replica ``i``
+owns shard ``i``. Each step starts from the set of live replicas (torchft's quorum, minus replicas
+a failure schedule has taken out). A plan assigns every live replica a list of **work items**
+``(shard, sequence range, mode)`` with mode ``exact`` or ``neighbour`` (MeCeFO's neighbour mode).
+Everything here is a pure, deterministic function of ``(n, live, m, policy, costs)``, so every
+replica computes the same plan without talking to the others, and a replayed step replays it.
 
-Neighbour assignment (Neighbor-Do-Both, policies ``mecefo`` and ``ndb-exact``):
+Takeover (:mod:`mecefo.policy`):
 
-* each live replica runs its own shard and at most one orphaned shard (a dead replica's shard),
-  so no replica ever does more than twice the normal work;
-* a dead shard goes to the first live replica after it in ring order (``d+1, d+2, ... mod n``)
-  that does not already hold an orphan. Dead shards are served nearest-first: the shard right
-  before a live replica claims it first, then the one before that continues along the ring.
-  A single failure of ``d`` is therefore always covered by the next live replica, and a second
-  failure elsewhere does not move that assignment;
-* with two or more simultaneous failures every dead shard is owned by exactly one live
-  neighbour as long as ``dead <= live`` (at most half the replicas gone). With more than half
-  gone there are not enough live replicas to double up: ``dead - live`` shards are dropped for
-  that step (the ones farthest from a live successor), the global batch shrinks to
-  ``n - dropped`` shards, and :func:`plan_step` records which, so the trainer logs it and
-  divides by the shards actually processed.
+* ``neighbour`` (Neighbor-Do-Both): each live replica runs its own shard and at most one orphaned
+  shard (a dead replica's), so no replica does more than twice the normal work. A dead shard goes
+  to the first live replica after it in ring order (``d+1, d+2, ... mod n``) that does not already
+  hold an orphan. Dead shards are served nearest-first: the shard right before a live replica
+  claims it first, then the one before that continues along the ring. A single failure of ``d``
+  is therefore always covered by the next live replica, and a second failure elsewhere does not
+  move that assignment. With more than half the replicas gone, ``dead - live`` shards (the ones
+  farthest from a live successor) are dropped for that step.
+* ``spread``: the dead shards' sequences are dealt one at a time to the least-loaded live replica
+  (load: the predicted time of its work; ties in ring order from the first dead shard), each at
+  most ``max_load`` shards of work in all; then laid out in order, so each replica gets contiguous
+  sequence ranges, run as extra micro-batches of at most ``m`` sequences (peak activation memory
+  as in a normal step). What exceeds every bound is dropped and reported.
+* ``drop``: dead shards are dropped (torchft's default behaviour).
 
-Policy ``shrink`` (torchft's default behaviour) assigns nothing: dead shards are dropped.
-Policy ``restart`` never trains with a replica missing (the job restarts from a checkpoint),
-so its plan is the NDB plan, which is the plain plan when everyone is live.
+Approximation: ``both`` puts all the work of a replica that takes anything over in neighbour
+mode, ``orphan`` only the work taken over, ``none`` nothing.
+
+``auto`` (either choice): the candidate plans are built, those dropping the fewest sequences
+kept, and the one with the least predicted **time per unit of training progress** is chosen::
+
+    score = predicted step time / (1 - penalty x share of the global batch run in neighbour mode)
+
+Predicted step time: the largest load over the live replicas, a sequence costing ``costs.exact``
+(1) exactly and ``costs.neighbour`` in neighbour mode (:class:`mecefo.costs.WorkCosts`).
+``penalty`` is the share of a step's progress lost per unit share of its batch approximated
+(measured by bench/fidelity.py: README, "Takeover policies"); so exact work is preferred while it
+costs at most ``1 / (1 - penalty x share) - 1`` more step time, a margin that grows with the work
+approximated. Ties go to the more exact plan, then to spreading. The plan records why it was
+chosen.
+
+Normalisers follow from counting: each parameter group is divided by the number of shards'
+worth of sequences that contributed a gradient to it. Attention parameters and input_layernorm
+(which neighbour mode leaves without a gradient) count the exact sequences only; every other
+parameter counts every processed sequence. With no failure both are ``n``; under exact takeover
+both are the processed shards (the full-batch mean); under the paper's MeCeFO attention gets
+``|N|``, the live replicas that are not neighbours; under shrink both are ``|live|``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-POLICIES = ("mecefo", "ndb-exact", "shrink", "restart")
+from .costs import WorkCosts
+from .policy import POLICIES, PRESETS, Policy, check_policy, resolve_policy  # noqa: F401  (re-exported)
 
-
-def check_policy(policy: str) -> str:
-    if policy not in POLICIES:
-        raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
-    return policy
+EXACT = "exact"
+NEIGHBOUR = "neighbour"
+DEFAULT_MAX_LOAD = 2.0  # shards of work a spreading replica may run: as much as a Neighbor-Do-Both neighbour
+DEFAULT_PENALTY = 1.0  # auto: progress lost per unit share of the batch approximated (README, "auto")
 
 
 def _check_live(n: int, live: Iterable[int]) -> tuple[int, ...]:
@@ -60,7 +82,7 @@ def distance_to_live(n: int, live: Iterable[int], shard: int) -> int:
 
 
 def assign_orphans(n: int, live: Iterable[int]) -> dict[int, int]:
-    """Dead shard -> the live replica that also runs it; dead shards missing from the result are dropped.
+    """Neighbour takeover: dead shard -> the live replica that also runs it; missing dead shards are dropped.
 
     See the module docstring for the rule. Deterministic: depends only on ``n`` and the live set.
     """
@@ -80,98 +102,295 @@ def assign_orphans(n: int, live: Iterable[int]) -> dict[int, int]:
 
 
 @dataclass(frozen=True)
-class StepPlan:
-    """What every replica does in one step.
+class WorkItem:
+    """Sequences ``[start, stop)`` of shard ``shard``'s micro-batch, run as one micro-batch in ``mode``."""
 
-    ``owners`` maps each orphaned shard to the live replica that runs it; ``dropped`` lists the
-    shards nobody runs this step (policy ``shrink``, or more than half the replicas gone).
+    shard: int
+    start: int
+    stop: int
+    mode: str = EXACT
+
+    @property
+    def sequences(self) -> int:
+        return self.stop - self.start
+
+    def describe(self) -> str:
+        return f"{self.shard}[{self.start}:{self.stop}]{'~' if self.mode == NEIGHBOUR else ''}"
+
+
+@dataclass(frozen=True)
+class Normalisers:
+    """What the summed gradients are divided by, in shards (sequences / m).
+
+    ``attention`` applies to the parameters neighbour mode skips (attention projections and
+    input_layernorm); ``None`` means no sequence ran exactly this step and they are not updated.
+    ``rest`` applies to every other parameter.
+    """
+
+    attention: float | None
+    rest: float
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What every live replica runs in one step.
+
+    ``work`` maps each live replica to its work items, its own shard first; ``policy`` is the fixed
+    policy the plan follows (auto's choice); ``reason`` says why auto chose it ("" otherwise).
     """
 
     n: int
     live: tuple[int, ...]
-    owners: dict[int, int]
-    dropped: tuple[int, ...]
+    sequences: int  # m: sequences per shard
+    policy: Policy
+    work: dict[int, tuple[WorkItem, ...]]
+    reason: str = ""
+    predicted: float | None = field(default=None, compare=False)  # auto: predicted step time
 
     @property
     def dead(self) -> tuple[int, ...]:
         live = set(self.live)
         return tuple(r for r in range(self.n) if r not in live)
 
+    def items_of(self, replica: int) -> tuple[WorkItem, ...]:
+        """The work items ``replica`` runs, its own shard first; () if it is not live."""
+        return self.work.get(replica, ())
+
+    def shards_of(self, replica: int) -> tuple[int, ...]:
+        """The shards ``replica`` runs sequences of, its own first."""
+        return tuple(dict.fromkeys(item.shard for item in self.items_of(replica)))
+
+    def taken_over(self, replica: int) -> tuple[WorkItem, ...]:
+        return tuple(item for item in self.items_of(replica) if item.shard != replica)
+
+    @property
+    def owners(self) -> dict[int, tuple[int, ...]]:
+        """Dead shard -> the live replicas running its sequences (a shard nobody runs is absent)."""
+        found: dict[int, list[int]] = {}
+        for replica in self.live:
+            for item in self.taken_over(replica):
+                found.setdefault(item.shard, []).append(replica)
+        return {d: tuple(found[d]) for d in sorted(found)}
+
     @property
     def neighbours(self) -> tuple[int, ...]:
-        """Live replicas that run an orphaned shard as well as their own."""
-        return tuple(sorted(self.owners.values()))
+        """Live replicas that run taken-over work as well as their own."""
+        return tuple(r for r in self.live if self.taken_over(r))
+
+    def is_neighbour(self, replica: int) -> bool:
+        return bool(self.taken_over(replica))
 
     @property
     def non_neighbours(self) -> tuple[int, ...]:
-        """The set N of the paper: live replicas that are not neighbours."""
-        busy = set(self.owners.values())
-        return tuple(r for r in self.live if r not in busy)
+        """The set N of the paper: live replicas that run no taken-over work."""
+        return tuple(r for r in self.live if not self.taken_over(r))
+
+    def runs_neighbour_mode(self, replica: int | None = None) -> bool:
+        """Whether ``replica`` (None: any replica) runs work in neighbour mode."""
+        replicas = self.live if replica is None else (replica,)
+        return any(item.mode == NEIGHBOUR for r in replicas for item in self.items_of(r))
+
+    def _count(self, mode: str | None = None) -> int:
+        return sum(item.sequences for items in self.work.values() for item in items
+                   if mode is None or item.mode == mode)
 
     @property
-    def processed(self) -> int:
-        """Shards in this step's global batch."""
-        return self.n - len(self.dropped)
+    def processed_sequences(self) -> int:
+        return self._count()
 
-    def shards_of(self, replica: int) -> tuple[int, ...]:
-        """The shards ``replica`` runs, its own first; () if it is not live."""
-        if replica not in self.live:
-            return ()
-        return (replica,) + tuple(d for d, owner in sorted(self.owners.items()) if owner == replica)
+    @property
+    def dropped_sequences(self) -> int:
+        return self.n * self.sequences - self.processed_sequences
 
-    def is_neighbour(self, replica: int) -> bool:
-        return replica in self.owners.values()
+    @property
+    def processed(self) -> float:
+        """Shards' worth of sequences in this step's global batch."""
+        return self.processed_sequences / self.sequences
+
+    @property
+    def dropped(self) -> tuple[int, ...]:
+        """Shards none of whose sequences run this step."""
+        run = {item.shard for items in self.work.values() for item in items}
+        return tuple(s for s in range(self.n) if s not in run)
+
+    def dropped_ranges(self) -> list[tuple[int, int, int]]:
+        """(shard, start, stop) of every sequence range nobody runs."""
+        covered: dict[int, list[tuple[int, int]]] = {}
+        for items in self.work.values():
+            for item in items:
+                covered.setdefault(item.shard, []).append((item.start, item.stop))
+        ranges = []
+        for shard in range(self.n):
+            pos = 0
+            for start, stop in sorted(covered.get(shard, [])):
+                if start > pos:
+                    ranges.append((shard, pos, start))
+                pos = max(pos, stop)
+            if pos < self.sequences:
+                ranges.append((shard, pos, self.sequences))
+        return ranges
+
+    def normalisers(self) -> Normalisers:
+        """Per group, the shards' worth of sequences that contributed a gradient (module docstring)."""
+        exact = self._count(EXACT)
+        return Normalisers(attention=exact / self.sequences if exact else None, rest=self.processed)
+
+    def load(self, replica: int, costs: WorkCosts) -> float:
+        """Predicted compute time of ``replica``'s work, in normal steps (own shard exact = 1)."""
+        return sum(item.sequences * costs.of(item.mode) for item in self.items_of(replica)) / self.sequences
+
+    def step_time(self, costs: WorkCosts) -> float:
+        """Predicted compute time of the step: the slowest live replica's load."""
+        return max((self.load(r, costs) for r in self.live), default=0.0)
 
     def describe(self) -> str:
-        """One line for logs: who is gone, who covers whom, what is dropped."""
+        """One line for logs: who is gone, who runs what, what is dropped."""
         if not self.dead:
             return f"all {self.n} replicas live"
-        parts = [f"dead {list(self.dead)}"]
-        if self.owners:
-            parts.append("neighbours " + ", ".join(f"{d}->{o}" for d, o in sorted(self.owners.items())))
-        if self.dropped:
-            parts.append(f"dropped shards {list(self.dropped)} (global batch {self.processed}/{self.n} shards)")
+        parts = [f"dead {list(self.dead)}", self.policy.name]
+        takers = [f"{r}: " + " ".join(i.describe() for i in self.items_of(r)) for r in self.neighbours]
+        if takers:
+            parts.append("; ".join(takers))
+        if self.dropped_sequences:
+            whole = [f"shards {list(self.dropped)}"] if self.dropped else []
+            partial = [f"{s}[{a}:{b}]" for s, a, b in self.dropped_ranges() if s not in self.dropped]
+            parts.append(f"dropped {' and '.join(whole + partial)} (global batch "
+                         f"{self.processed_sequences}/{self.n * self.sequences} sequences)")
+        if self.reason:
+            parts.append(self.reason)
         return "; ".join(parts)
 
 
-def plan_step(n: int, live: Iterable[int], policy: str) -> StepPlan:
-    """The plan for one step with the given live replicas under ``policy``."""
-    check_policy(policy)
+def _own_mode(policy: Policy, takes_over: bool) -> str:
+    return NEIGHBOUR if policy.approximate == "both" and takes_over else EXACT
+
+
+def _orphan_mode(policy: Policy) -> str:
+    return NEIGHBOUR if policy.approximate in ("both", "orphan") else EXACT
+
+
+def _neighbour_work(n: int, live: tuple[int, ...], m: int, policy: Policy) -> dict[int, tuple[WorkItem, ...]]:
+    owners = assign_orphans(n, live)
+    covers = {owner: d for d, owner in owners.items()}
+    work = {}
+    for r in live:
+        items = [WorkItem(r, 0, m, _own_mode(policy, r in covers))]
+        if r in covers:
+            items.append(WorkItem(covers[r], 0, m, _orphan_mode(policy)))
+        work[r] = tuple(items)
+    return work
+
+
+def _spread_work(n: int, live: tuple[int, ...], m: int, policy: Policy, costs: WorkCosts,
+                 max_load: float) -> dict[int, tuple[WorkItem, ...]]:
+    dead = [d for d in range(n) if d not in set(live)]
+    if not dead:
+        return {r: (WorkItem(r, 0, m),) for r in live}
+    capacity = max(0, int(max_load * m + 1e-9) - m)  # extra sequences a replica may take
+    orphan_cost = costs.of(_orphan_mode(policy))
+
+    def load(count: int) -> float:  # a replica's work (in sequence costs) with `count` orphan sequences
+        return (m * costs.of(_own_mode(policy, count > 0))) + count * orphan_cost
+
+    first = dead[0]
+    order = sorted(live, key=lambda r: (r - first - 1) % n)  # ring order after the first dead shard
+    counts = dict.fromkeys(order, 0)
+    for _ in range(len(dead) * m):
+        open_ = [r for r in order if counts[r] < capacity]
+        if not open_:
+            break
+        best = min(open_, key=lambda r: (load(counts[r] + 1), order.index(r)))
+        counts[best] += 1
+    # lay the orphan sequences out in order: each replica gets consecutive ranges
+    sequences = [(d, j) for d in dead for j in range(m)]
+    position = 0
+    extra: dict[int, list[WorkItem]] = {r: [] for r in order}
+    for r in order:
+        chunk = sequences[position:position + counts[r]]
+        position += counts[r]
+        for d in dict.fromkeys(s for s, _ in chunk):
+            js = [j for s, j in chunk if s == d]
+            extra[r].append(WorkItem(d, js[0], js[-1] + 1, _orphan_mode(policy)))
+    return {r: (WorkItem(r, 0, m, _own_mode(policy, bool(extra[r]))), *extra[r]) for r in live}
+
+
+def _fixed_plan(n: int, live: tuple[int, ...], m: int, policy: Policy, costs: WorkCosts, max_load: float) -> StepPlan:
+    if policy.takeover == "spread":
+        work = _spread_work(n, live, m, policy, costs, max_load)
+    elif policy.takeover == "neighbour":
+        work = _neighbour_work(n, live, m, policy)
+    else:  # drop
+        work = {r: (WorkItem(r, 0, m),) for r in live}
+    return StepPlan(n=n, live=live, sequences=m, policy=policy, work=work)
+
+
+APPROXIMATION_PREFERENCE = ("none", "orphan", "both")
+
+
+def approximated_share(plan: StepPlan) -> float:
+    """Share of the global batch (n x m sequences) run in neighbour mode."""
+    return plan._count(NEIGHBOUR) / (plan.n * plan.sequences)
+
+
+def progress_score(plan: StepPlan, costs: WorkCosts, penalty: float) -> float:
+    """auto's criterion: predicted step time per unit of training progress (lower is better)."""
+    progress = 1.0 - penalty * approximated_share(plan)
+    return plan.step_time(costs) / progress if progress > 0 else float("inf")
+
+
+def _choose(n: int, live: tuple[int, ...], m: int, policy: Policy, costs: WorkCosts, max_load: float,
+            penalty: float) -> StepPlan:
+    """auto: the least time per unit of progress among the candidates dropping fewest (module docstring)."""
+    plans = [_fixed_plan(n, live, m, candidate, costs, max_load) for candidate in policy.candidates()]
+    fewest = min(p.dropped_sequences for p in plans)
+    plans = [p for p in plans if p.dropped_sequences == fewest]
+    order = {a: i for i, a in enumerate(APPROXIMATION_PREFERENCE)}
+    ranked = sorted(plans, key=lambda p: (round(progress_score(p, costs, penalty), 12), order[p.policy.approximate]))
+    chosen = ranked[0]
+    t = chosen.step_time(costs)
+    if set(live) == set(range(n)):
+        return StepPlan(n, live, m, chosen.policy, chosen.work, "", t)
+    def summary(p: StepPlan) -> str:
+        return (f"{p.policy.name} {p.step_time(costs):.3f}x, {approximated_share(p):.1%} approximated, "
+                f"{progress_score(p, costs, penalty):.3f} per unit of progress")
+    others = "; ".join(summary(p) for p in ranked[1:])
+    reason = f"auto chose {summary(chosen)} (penalty {penalty:g}" + (f"; others: {others})" if others else ")")
+    return StepPlan(n, live, m, chosen.policy, chosen.work, reason, t)
+
+
+def plan_step(n: int, live: Iterable[int], policy: str | Policy, *, sequences: int = 1,
+              costs: WorkCosts | None = None, max_load: float = DEFAULT_MAX_LOAD,
+              penalty: float = DEFAULT_PENALTY) -> StepPlan:
+    """The plan for one step with the given live replicas.
+
+    Args:
+        n: replicas (= shards) in the job.
+        live: the live replicas this step.
+        policy: a preset name (:data:`mecefo.policy.POLICIES`) or a :class:`mecefo.policy.Policy`.
+        sequences: m, sequences per shard (spreading works at this granularity).
+        costs: per-sequence costs for spreading's load balance and auto's choice (default: exact 1,
+            neighbour mode :data:`mecefo.costs.DEFAULT_NEIGHBOUR_COST`).
+        max_load: spreading: the most work a replica runs, in shards.
+        penalty: auto: progress lost per unit share of the batch approximated.
+    """
+    policy = resolve_policy(policy)
     live = _check_live(n, live)
     if not live:
         raise ValueError(f"no live replica among {n}: nothing can run this step")
-    dead = [r for r in range(n) if r not in set(live)]
-    owners = {} if policy == "shrink" else assign_orphans(n, live)
-    dropped = tuple(d for d in dead if d not in owners)
-    return StepPlan(n=n, live=live, owners=owners, dropped=dropped)
+    if isinstance(sequences, bool) or not isinstance(sequences, int) or sequences < 1:
+        raise ValueError(f"sequences (per shard) must be an int >= 1, got {sequences!r}")
+    if max_load < 1:
+        raise ValueError(f"max_load must be >= 1 shard (a replica's own), got {max_load}")
+    if penalty < 0:
+        raise ValueError(f"penalty must be >= 0, got {penalty}")
+    costs = costs or WorkCosts()
+    if policy.restart:
+        policy = Policy("neighbour", "none")  # restart never trains with a replica missing; as exact NDB if it did
+    if policy.is_auto:
+        return _choose(n, live, sequences, policy, costs, max_load, penalty)
+    return _fixed_plan(n, live, sequences, policy, costs, max_load)
 
 
-@dataclass(frozen=True)
-class Normalisers:
-    """What the summed gradients are divided by.
-
-    ``attention`` applies to the parameters the neighbour path skips (attention projections and
-    input_layernorm under MeCeFO); ``None`` means no replica produced a gradient for them this
-    step (every live replica is a neighbour) and they are not updated. ``rest`` applies to
-    every other parameter.
-    """
-
-    attention: int | None
-    rest: int
-
-
-def normalisers(plan: StepPlan, policy: str) -> Normalisers:
-    """MECEFO.md's averaging rules.
-
-    * mecefo: attention params over |N| (live non-neighbour replicas; neighbours contribute
-      nothing), everything else over the shards processed (n unless more than half are gone);
-    * ndb-exact / restart: every shard's exact gradient is present: all params over the shards
-      processed, i.e. the full-batch mean;
-    * shrink: every live replica ran only its own shard: all params over |live|.
-    """
-    check_policy(policy)
-    if policy == "shrink":
-        return Normalisers(attention=len(plan.live), rest=len(plan.live))
-    if policy == "mecefo":
-        return Normalisers(attention=len(plan.non_neighbours) or None, rest=plan.processed)
-    return Normalisers(attention=plan.processed, rest=plan.processed)
+def normalisers(plan: StepPlan) -> Normalisers:
+    """:meth:`StepPlan.normalisers`."""
+    return plan.normalisers()

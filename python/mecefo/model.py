@@ -43,6 +43,29 @@ def shard_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tens
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
+def run_work(model: torch.nn.Module, path, batches, step: int, items, device: torch.device | str) -> tuple[float, float]:
+    """Forward + backward of each work item (:class:`mecefo.membership.WorkItem`) as its own
+    micro-batch, gradients accumulated into ``.grad``; returns (sum of the weighted losses, shards run).
+
+    An item in neighbour mode runs its forward inside ``path.context`` (its backward follows the
+    mode of its forward). An item of ``s`` of a shard's ``m`` sequences weighs ``s / m``, so the
+    replicas' gradient sums divided by the plan's normalisers (counted in shards) are means over
+    sequences; a whole shard weighs 1 and is not multiplied at all (failure-free training stays
+    bit-identical to plain data parallelism).
+    """
+    m = batches.micro_batch
+    loss_sum = shards = 0.0
+    for item in items:
+        inputs, targets = batches.batch(step, item.shard, item.start, item.stop)
+        with path.context(model, item.mode == "neighbour"):
+            loss = shard_loss(model, inputs.to(device), targets.to(device))
+        weight = item.sequences / m
+        (loss if item.sequences == m else loss * weight).backward()
+        loss_sum += loss.item() * weight
+        shards += weight
+    return loss_sum, shards
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches, count: int) -> float:
     """Mean validation loss over ``count`` fixed validation micro-batches."""

@@ -45,8 +45,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .membership import StepPlan, normalisers, plan_step
-from .model import shard_loss
+from .membership import NEIGHBOUR, StepPlan, plan_step
+from .model import run_work, shard_loss
 from .neighbor import MeCeFOPath
 
 GROUPS = ("attention", "ffn", "other")
@@ -93,36 +93,35 @@ def _add(total: Gradients, grads: Gradients) -> None:
 
 @dataclass
 class ExactGradients:
-    """The exact quantities of one (weights, step, plan): computed once, compared with any MeCeFO variant."""
+    """The exact quantities of one (weights, step, plan): computed once, compared with any approximation."""
 
     plan: StepPlan
     step_gradient: Gradients  # G = (1/P) sum_s g_s
-    non_neighbour_sum: Gradients  # sum_{k in N} g_k
-    neighbour_shards: dict[int, Gradients]  # g_s for every shard a neighbour runs
+    shards: dict[int, Gradients]  # g_s for every processed shard
 
 
 def neighbour_run_shards(plan: StepPlan) -> list[int]:
-    """The shards run in neighbour mode under ``plan``: each neighbour's own and the one it covers."""
-    return sorted(s for r in plan.neighbours for s in plan.shards_of(r))
+    """The shards run in neighbour mode under ``plan`` (whole shards: neighbour takeover)."""
+    return sorted({item.shard for r in plan.live for item in plan.items_of(r) if item.mode == NEIGHBOUR})
+
+
+def _check_whole_shards(plan: StepPlan) -> None:
+    if any(item.sequences != plan.sequences for r in plan.live for item in plan.items_of(r)):
+        raise ValueError(f"the probe compares whole shards; this plan splits them ({plan.describe()}): "
+                         "use plan_gradient")
 
 
 def exact_gradients(model: torch.nn.Module, path: MeCeFOPath, batches, step: int, plan: StepPlan) -> ExactGradients:
-    """Every processed shard's exact gradient at the model's current weights, summed as the probe needs."""
-    if not plan.neighbours:
-        raise ValueError(f"the plan has no neighbour ({plan.describe()}): MeCeFO's gradient is the exact one")
+    """Every processed shard's exact gradient at the model's current weights, and their mean."""
+    if not plan.runs_neighbour_mode():
+        raise ValueError(f"the plan has no neighbour-mode work ({plan.describe()}): its gradient is the exact one")
+    _check_whole_shards(plan)
     total: Gradients = {}
-    non_neighbour: Gradients = {}
     per_shard: dict[int, Gradients] = {}
-    run_by_neighbours = set(neighbour_run_shards(plan))
     for shard in sorted(s for r in plan.live for s in plan.shards_of(r)):
-        g = shard_gradient(model, path, batches, step, shard, neighbour=False)
-        _add(total, g)
-        if shard in run_by_neighbours:
-            per_shard[shard] = g
-        else:
-            _add(non_neighbour, g)
-    processed = normalisers(plan, "ndb-exact").rest
-    return ExactGradients(plan, {k: v / processed for k, v in total.items()}, non_neighbour, per_shard)
+        per_shard[shard] = shard_gradient(model, path, batches, step, shard, neighbour=False)
+        _add(total, per_shard[shard])
+    return ExactGradients(plan, {k: v / plan.processed for k, v in total.items()}, per_shard)
 
 
 def neighbour_gradients(model: torch.nn.Module, path: MeCeFOPath, batches, step: int,
@@ -131,33 +130,49 @@ def neighbour_gradients(model: torch.nn.Module, path: MeCeFOPath, batches, step:
     return {s: shard_gradient(model, path, batches, step, s, neighbour=True) for s in neighbour_run_shards(plan)}
 
 
-def mecefo_step_gradient(exact: ExactGradients, neighbour: dict[int, Gradients], groups: dict[str, str]) -> Gradients:
-    """Ĝ: what the trainer's SUM all-reduce and MeCeFO normalisers make of these shard gradients."""
-    norms = normalisers(exact.plan, "mecefo")
+def approximate_step_gradient(exact: ExactGradients, neighbour: dict[int, Gradients],
+                              groups: dict[str, str]) -> Gradients:
+    """Ĝ: what the trainer's SUM all-reduce and the plan's normalisers make of these shard gradients:
+    shards in ``neighbour`` contribute ĝ_s (no attention part), the others g_s; attention parameters
+    are divided by the exact shards' count (no exact shard: no update, a zero step), the rest by
+    the processed shards'."""
+    norms = exact.plan.normalisers()
     out = {}
     for name, g in exact.step_gradient.items():
-        summed = exact.non_neighbour_sum.get(name, torch.zeros_like(g))
-        if groups[name] == "attention":
-            # neighbours contribute nothing; |N| = 0 means no update (a zero step for these parameters)
-            out[name] = summed / norms.attention if norms.attention else torch.zeros_like(g)
-        else:
-            summed = summed.clone()
-            for grads in neighbour.values():
-                summed += grads.get(name, torch.zeros_like(g))
-            out[name] = summed / norms.rest
+        summed = torch.zeros_like(g)
+        for shard, grads in exact.shards.items():
+            part = neighbour[shard].get(name) if shard in neighbour else grads[name]
+            if part is not None:
+                summed += part
+        divisor = norms.attention if groups[name] == "attention" else norms.rest
+        out[name] = summed / divisor if divisor else torch.zeros_like(g)
     return out
 
 
 def shrink_step_gradient(exact: ExactGradients) -> Gradients:
     """What policy shrink applies under the same plan: (1/|live|) sum over live replicas r of g_r."""
-    plan = exact.plan
-    live = normalisers(plan, "shrink").rest
+    live = exact.plan.live
+    return {name: sum(exact.shards[r][name] for r in live) / len(live) for name in exact.step_gradient}
+
+
+def plan_gradient(model: torch.nn.Module, path, batches, step: int, plan: StepPlan) -> Gradients:
+    """The step gradient (before clipping) of any plan, as the trainer computes it: every live replica
+    runs its work items (:func:`mecefo.model.run_work`), the sums are added and each parameter divided
+    by its group's normaliser. Parameters nobody produced a gradient for are absent."""
+    device = next(model.parameters()).device
+    skipped = set(path.skipped_parameters(model))
+    total: Gradients = {}
+    for replica in plan.live:
+        model.zero_grad(set_to_none=True)
+        run_work(model, path, batches, step, plan.items_of(replica), device)
+        _add(total, {name: p.grad.detach() for name, p in model.named_parameters() if p.grad is not None})
+    model.zero_grad(set_to_none=True)
+    norms = plan.normalisers()
     out = {}
-    for name, g in exact.step_gradient.items():
-        summed = exact.non_neighbour_sum.get(name, torch.zeros_like(g)).clone()
-        for r in plan.neighbours:  # a neighbour's own shard is shard r
-            summed += exact.neighbour_shards[r][name]
-        out[name] = summed / live
+    for name, g in total.items():
+        divisor = norms.attention if name in skipped else norms.rest
+        if divisor:
+            out[name] = g / divisor
     return out
 
 
@@ -192,8 +207,8 @@ class ProbeResult:
 
 def compare(exact: ExactGradients, neighbour: dict[int, Gradients], groups: dict[str, str]) -> ProbeResult:
     """The step-level and per-shard relative errors of one MeCeFO variant against the exact gradients."""
-    step = relative_errors(mecefo_step_gradient(exact, neighbour, groups), exact.step_gradient, groups)
-    shards = {s: relative_errors(neighbour[s], exact.neighbour_shards[s], groups) for s in sorted(neighbour)}
+    step = relative_errors(approximate_step_gradient(exact, neighbour, groups), exact.step_gradient, groups)
+    shards = {s: relative_errors(neighbour[s], exact.shards[s], groups) for s in sorted(neighbour)}
     shrink = relative_errors(shrink_step_gradient(exact), exact.step_gradient, groups)
     return ProbeResult(step, shards, shrink)
 

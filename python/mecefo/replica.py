@@ -5,9 +5,10 @@ Every step:
 1. synchronous quorum (torchft): the live set is known, and a replica that was behind (just
    restarted, or its last commit failed) has healed from a peer: model, optimizer state, step,
    and so LR schedule and data position;
-2. the step plan (:mod:`mecefo.membership`): which shards this replica runs, whether it is a
-   neighbour; scheduled failures take replicas out here;
-3. forward + backward of each shard, in neighbour mode where the policy says so;
+2. the step plan (:mod:`mecefo.membership`): which sequences this replica runs, in which mode
+   (exact or MeCeFO's neighbour mode); scheduled failures take replicas out here; the low-rank
+   bases are refreshed (by every replica, at the same steps) when the plan needs them;
+3. forward + backward of each work item as its own micro-batch, gradients accumulated;
 4. gradient SUM all-reduce and the MeCeFO normalisers (:mod:`mecefo.sync`), global loss;
 5. torchft's commit: the update is applied only if nothing failed; otherwise the step is
    discarded and replayed with the new quorum (batches are a function of the step, so the
@@ -29,7 +30,6 @@ import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -38,10 +38,12 @@ from . import checkpoint as ckpt
 from .config import HASH_STATE_MAX_PARAMS, TrainConfig
 from .data import Batches, CorpusFiles
 from .failures import Injector, load_schedule, parse_injection
+from .costs import WorkCosts, neighbour_flop_ratio
 from .fencing import FENCED_EXIT_CODE, ROOT_LINEAGE, CommitLedger, Fenced, next_lineage
-from .membership import normalisers, plan_step
-from .model import build_model, evaluate, optimizer_hash, parameter_hash, replica_device, shard_loss
-from .neighbor import NOW, neighbor_path, refresh_due
+from .membership import plan_step
+from .model import build_model, evaluate, optimizer_hash, parameter_hash, replica_device, run_work
+from .neighbor import neighbor_path, refresh_due
+from .presets import get_preset
 from .optim import build_optimizer, lr_at, set_lr
 from .quorum import Membership, connect_store
 from .report import MetricsWriter, metrics_path
@@ -51,6 +53,15 @@ RESTART_EXIT_CODE = 75  # policy restart: this replica asks the supervisor to re
 CHECKPOINT_DIR = "checkpoints"
 CORPUS_FILE = "corpus.json"
 RESTART_REQUEST_FILE = "restart_request.json"
+
+
+def work_costs(cfg: TrainConfig) -> WorkCosts:
+    """The per-sequence costs every replica plans with: --neighbour-cost, else the model's FLOP ratio."""
+    if cfg.neighbour_cost is not None:
+        return WorkCosts(neighbour=cfg.neighbour_cost)
+    from mecefo_kernels.nn.decoder import DEFAULT_RANK
+
+    return WorkCosts(neighbour=neighbour_flop_ratio(get_preset(cfg.preset), cfg.seq_len, cfg.rank or DEFAULT_RANK))
 
 
 class Replica:
@@ -70,7 +81,9 @@ class Replica:
         self.injector = Injector([parse_injection(s, cfg.replicas) for s in cfg.inject], replica, self.run_dir)
 
         self.device = replica_device(cfg, replica)
-        self.path = neighbor_path(cfg.policy, rank=cfg.rank, tau=cfg.tau)
+        self.policy = cfg.resolved_policy
+        self.path = neighbor_path(self.policy, rank=cfg.rank, tau=cfg.tau, basis=cfg.basis)
+        self.costs = work_costs(cfg)
         self.model = self.path.prepare(build_model(cfg, self.device))
         self.model.train()
         n_params = sum(p.numel() for p in self.model.parameters())
@@ -80,13 +93,14 @@ class Replica:
         self.optimizer = build_optimizer(self.model, cfg)
         self.sync = GradientSync(self.model, self.path.skipped_parameters(self.model),
                                  bucket_bytes=int(cfg.bucket_mb * (1 << 20)))
-        # neighbour-episode state of this replica (not shared: see neighbor.refresh_due)
-        self.was_neighbour = False
+        # the job's low-rank bases (the same on every replica: see mecefo.neighbor): the step they were
+        # computed at, and whether the last committed step ran neighbour-mode work
         self.bases_step: int | None = None
+        self.episode_open = False
         self.healed = False
         self.generation = generation
         self.lineage = ROOT_LINEAGE  # of the training state: extended by every commit (mecefo.fencing)
-        self.dropped: tuple[int, ...] = ()  # shards dropped at the last committed step (warn on change)
+        self.dropped = 0  # sequences dropped at the last committed step (warn on change)
 
         self.membership = Membership(
             replica=replica, lighthouse=lighthouse, state_dict=self.state_dict,
@@ -106,9 +120,12 @@ class Replica:
 
     def state_dict(self) -> dict:
         step = self.membership.step
+        has_bases = self.bases_step is not None
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "bases": self.path.bases_state(self.model) if has_bases else {},
                 "trainer": {"step": step, "data_position": step, "lr": lr_at(step, self.cfg),
-                            "corpus": self.corpus.fingerprint, "lineage": self.lineage}}
+                            "corpus": self.corpus.fingerprint, "bases_step": self.bases_step if has_bases else -1,
+                            "episode_open": self.episode_open, "lineage": self.lineage}}
 
     def load_state_dict(self, state: dict) -> None:
         trainer = state["trainer"]
@@ -118,7 +135,13 @@ class Replica:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lineage = trainer.get("lineage", ROOT_LINEAGE)
-        self.was_neighbour, self.bases_step = False, None
+        bases, bases_step = state.get("bases") or {}, trainer.get("bases_step", -1)
+        if bases and bases_step >= 0:
+            self.path.load_bases(self.model, bases)
+            self.bases_step = bases_step
+        else:  # none sent (no failure yet), or a checkpoint from before bases were saved: refreshed when needed
+            self.bases_step = None
+        self.episode_open = bool(trainer.get("episode_open", False))
         self.healed = True
 
     def _resume(self) -> None:
@@ -185,7 +208,7 @@ class Replica:
                 continue
             self.membership.check_current()  # fencing: a replica behind and unhealed stops here
             self.injector.fire("step", step)
-            if self.cfg.policy == "restart" and self._scheduled_restart(step):
+            if self.policy.restart and self._scheduled_restart(step):
                 return RESTART_EXIT_CODE
             record = self._train_step(step)
             if record is None:
@@ -200,9 +223,9 @@ class Replica:
                 record.update(param_hash=parameter_hash(self.model), optim_hash=optimizer_hash(self.optimizer))
             self.metrics.write(**record)
             attempts = 0
-            if record["dropped"] and tuple(record["dropped"]) != self.dropped:
-                self._warn(f"step {step}: more than half the replicas are gone ({record['plan']})")
-            self.dropped = tuple(record["dropped"])
+            if record["dropped_sequences"] and record["dropped_sequences"] != self.dropped:
+                self._warn(f"step {step}: sequences dropped, too few replicas to take them over ({record['plan']})")
+            self.dropped = record["dropped_sequences"]
             self._after_commit(self.membership.step, min(record["members"]))
         if self.replica == min(self.membership.members or (self.replica,)):
             self._evaluate(self.cfg.steps)
@@ -212,32 +235,28 @@ class Replica:
         """Plan, forward/backward, gradient sync, commit: the committed step's record, or None if discarded."""
         cfg = self.cfg
         members = self.membership.members
-        failed = frozenset() if cfg.policy == "restart" else self.schedule.failed_at(step)
-        plan = plan_step(cfg.replicas, [r for r in members if r not in failed], cfg.policy)
-        shards = plan.shards_of(self.replica)
-        neighbour = plan.is_neighbour(self.replica)
-        due = neighbour and refresh_due(step, was_neighbour=self.was_neighbour, bases_step=self.bases_step)
-        refreshed = bool(due) and self.path.refresh(self.model, step=None if due == NOW else step)
-        if refreshed:
+        failed = frozenset() if self.policy.restart else self.schedule.failed_at(step)
+        plan = plan_step(cfg.replicas, [r for r in members if r not in failed], self.policy,
+                         sequences=cfg.micro_batch, costs=self.costs, max_load=cfg.max_load, penalty=cfg.auto_penalty)
+        items = plan.items_of(self.replica)
+        needs_bases = plan.runs_neighbour_mode()
+        refreshed = False
+        if refresh_due(step, needed=needs_bases, episode_open=self.episode_open, bases_step=self.bases_step,
+                       tau=self.path.tau):
+            refreshed = self.path.refresh(self.model, self.optimizer)
             self.bases_step = step
 
         t0 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum = 0.0
-        with self.path.context(self.model, neighbour) if shards else nullcontext():
-            for shard in shards:
-                inputs, targets = self.batches.batch(step, shard)
-                loss = shard_loss(self.model, inputs.to(self.device), targets.to(self.device))
-                loss.backward()
-                loss_sum += loss.item()
+        loss_sum, shards = run_work(self.model, self.path, self.batches, step, items, self.device)
         compute_s = time.perf_counter() - t0
 
         t1 = time.perf_counter()
-        ok = self.sync.reduce(self._allreduce_sum, contributes=bool(shards))
-        stats = torch.tensor([loss_sum, float(len(shards))], dtype=torch.float64)  # summed: global loss
+        ok = self.sync.reduce(self._allreduce_sum, contributes=bool(items))
+        stats = torch.tensor([loss_sum, shards], dtype=torch.float64)  # summed: global loss
         ok = ok and self.membership.allreduce_sum(stats)
         if ok:
-            self.sync.normalise(normalisers(plan, cfg.policy))
+            self.sync.normalise(plan.normalisers())
             if cfg.clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip, foreach=False)
         else:
@@ -249,14 +268,18 @@ class Replica:
         if not self.membership.commit():
             return None
         self.optimizer.step()
-        self.was_neighbour = neighbour
-        processed = int(stats[1].item())
-        return dict(step=step, replica=self.replica, policy=cfg.policy, time=time.time(),
-                    loss=stats[0].item() / processed, lr=lr, tokens=processed * cfg.tokens_per_shard,
-                    compute_s=compute_s, sync_s=sync_s,
+        self.episode_open = needs_bases
+        processed = stats[1].item()
+        return dict(step=step, replica=self.replica, policy=cfg.policy, plan_policy=plan.policy.name,
+                    time=time.time(), loss=stats[0].item() / processed, lr=lr,
+                    tokens=round(processed * cfg.tokens_per_shard), compute_s=compute_s, sync_s=sync_s,
                     members=list(members), live=list(plan.live), scheduled_failed=sorted(failed),
-                    neighbours={str(d): o for d, o in plan.owners.items()}, dropped=list(plan.dropped),
-                    plan=plan.describe(), shards=list(shards), neighbour=neighbour, bases_refreshed=refreshed,
+                    neighbours={str(d): o[0] if len(o) == 1 else list(o) for d, o in plan.owners.items()},
+                    dropped=list(plan.dropped), dropped_sequences=plan.dropped_sequences, plan=plan.describe(),
+                    shards=list(plan.shards_of(self.replica)),
+                    work=[[i.shard, i.start, i.stop, i.mode] for i in items],
+                    neighbour=plan.is_neighbour(self.replica), neighbour_mode=plan.runs_neighbour_mode(self.replica),
+                    predicted_step=plan.step_time(self.costs), bases_refreshed=refreshed, bases_step=self.bases_step,
                     quorum_id=self.membership.quorum_id)
 
     def _allreduce_sum(self, tensor: torch.Tensor) -> bool:

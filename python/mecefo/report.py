@@ -120,6 +120,24 @@ def _mean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def policy_name(config: dict) -> str:
+    """The run's policy as a preset name, or takeover+approximate when --takeover / --approximate changed it."""
+    from .policy import resolve_policy
+
+    return resolve_policy(config["policy"], takeover=config.get("takeover"),
+                          approximate=config.get("approximate")).name
+
+
+def _plan_counts(series: list[dict]) -> dict[str, int]:
+    """Steps with a replica down, by the fixed policy their plan followed (auto picks one per step)."""
+    counts: dict[str, int] = {}
+    for r in series:
+        if not r["plan"].startswith("all "):
+            name = r.get("plan_policy", r["policy"])
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
 def summarize(run_dir: str | Path) -> dict:
     """The run's headline numbers (also written to RUN_DIR/summary.json by the launcher)."""
     run_dir = Path(run_dir)
@@ -171,7 +189,8 @@ def summarize(run_dir: str | Path) -> dict:
             job_restarts.append(min(first) - e["time"] if first else None)
     out = {
         "run_dir": str(run_dir),
-        "policy": config["policy"],
+        "policy": policy_name(config),
+        "plans": _plan_counts(series),
         "replicas": replicas,
         "steps_planned": config["steps"],
         "steps_done": (series[-1]["step"] + 1) if series else 0,
@@ -185,7 +204,7 @@ def summarize(run_dir: str | Path) -> dict:
         "compute_s_mean": _mean(r["compute_s"] for r in normal),
         "steps_under_failure": len(failing),
         "max_dead_at_once": max((replicas - len(r["live"]) for r in series), default=0),
-        "steps_with_dropped_shards": sum(1 for r in series if r["dropped"]),
+        "steps_with_dropped_shards": sum(1 for r in series if r.get("dropped_sequences", r["dropped"])),
         "first_loss": series[0]["loss"] if series else None,
         "final_loss": _mean(r["loss"] for r in series[-10:]),
         "val_loss": evals[-1]["val_loss"] if evals else None,
@@ -235,6 +254,7 @@ def format_summary(s: dict) -> str:
          f"{_fmt(s['tokens_per_s_no_failure'])} / {_fmt(s['tokens_per_s_under_failure'])}"),
         ("throughput drop under failure", _fmt(s["throughput_drop_pct"], " %")),
         ("steps under failure (max dead at once)", f"{s['steps_under_failure']} ({s['max_dead_at_once']})"),
+        ("plans under failure (steps)", ", ".join(f"{k} {v}" for k, v in s.get("plans", {}).items()) or "-"),
         ("steps with dropped shards", s["steps_with_dropped_shards"]),
         ("train loss first -> last 10", f"{_fmt(s['first_loss'], '', 4)} -> {_fmt(s['final_loss'], '', 4)}"),
         ("validation loss (ppl)", f"{_fmt(s['val_loss'], '', 4)} ({_fmt(s['val_ppl'], '', 4)})"),

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import mecefo.flops as flops
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
-import flops  # noqa: E402
 import kernels  # noqa: E402
 
 TOKENS, D, H = 64, 128, 352  # the tiny preset's hidden and FFN widths

@@ -140,6 +140,19 @@ def test_basis_past_min_dimension_is_completed_orthonormally():
     torch.testing.assert_close(full @ full.t(), torch.eye(48), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["svd", "randomized"])
+def test_basis_of_a_rank_deficient_weight_is_still_orthonormal(method):
+    """A zero weight (or a first moment before anything was learnt) and one of rank 2 < the requested 5: the
+    randomized sketch is rank-deficient there, and the basis must still be orthonormal (a zero column would
+    silently zero that part of every low-rank gradient)."""
+    for weight in (torch.zeros(24, 16), torch.randn(24, 2) @ torch.randn(2, 16)):
+        v = mk.lowrank_basis(weight, 5, method=method)
+        torch.testing.assert_close(v.t() @ v, torch.eye(5), rtol=0, atol=1e-5)
+        if weight.any():
+            row_space = torch.linalg.svd(weight.double())[2][:2].t()
+            assert subspace_distance(v.double() @ (v.double().t() @ row_space), row_space) < 1e-4
+
+
 def captured_fraction(weight, v):
     """||W V||_F^2 / ||W||_F^2: the share of W's energy the basis keeps."""
     w = weight.double()

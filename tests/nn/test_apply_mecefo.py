@@ -213,3 +213,76 @@ def test_transformers_4_is_refused(monkeypatch):
     monkeypatch.setattr(mk.hf, "transformers_version", lambda: "4.57.1")
     with pytest.raises(RuntimeError, match="needs transformers >= 5"):
         mk.apply_mecefo(lm.tiny_model())
+
+
+def top_energy(matrix: torch.Tensor, rank: int) -> float:
+    """sum of the top-`rank` squared singular values (float64): the most any rank-`rank` basis can capture."""
+    return (torch.linalg.svdvals(matrix.double())[:rank] ** 2).sum().item()
+
+
+def trained_with_adamw(basis="momentum", method="svd", steps=3):
+    model = mk.apply_mecefo(lm.tiny_model(), rank=6, basis_method=method, basis=basis)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=gen)
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return model, optimizer
+
+
+@pytest.mark.parametrize("method,share", [("svd", 1 - 1e-5), ("randomized", 0.95)])
+def test_momentum_bases_are_the_first_moments_top_right_singular_vectors(method, share):
+    """Against a float64 SVD of each FFN weight's AdamW first moment: the basis captures the moment's top-r
+    energy (all of it for the exact SVD; >= 95% for the randomized one, as for weights), and it is a
+    different subspace from the weight's own (the point of a gradient-aware basis)."""
+    model, optimizer = trained_with_adamw(method=method)
+    assert mk.refresh_bases(model, optimizer=optimizer) is True
+    for layer in model.model.layers:
+        assert layer.mecefo_bases_from == ("momentum",) * 3
+        for basis, lin in ((layer.mecefo_basis_gate, layer.mlp.gate_proj), (layer.mecefo_basis_up, layer.mlp.up_proj),
+                           (layer.mecefo_basis_down, layer.mlp.down_proj)):
+            moment = optimizer.state[lin.weight]["exp_avg"].double()
+            v = basis.double()
+            assert torch.allclose(v.T @ v, torch.eye(6, dtype=torch.float64), atol=1e-5), "orthonormal columns"
+            captured = (moment @ v).square().sum().item()
+            assert captured >= share * top_energy(moment, 6)
+            weight_captured = (moment @ mk.lowrank_basis(lin.weight, 6).double()).square().sum().item()
+            assert weight_captured < 0.9 * captured, "W's basis is not the moment's"
+
+
+def test_momentum_bases_fall_back_to_the_weights():
+    model, optimizer = trained_with_adamw(steps=0)
+    layer = model.model.layers[0]
+    weight_basis = mk.lowrank_basis(layer.mlp.up_proj.weight, 6)
+    mk.refresh_bases(model)  # no optimizer given
+    assert layer.mecefo_bases_from == ("weight",) * 3 and torch.equal(layer.mecefo_basis_up, weight_basis)
+    mk.refresh_bases(model, optimizer=optimizer)  # an optimizer without state yet (no update so far)
+    assert layer.mecefo_bases_from == ("weight",) * 3 and torch.equal(layer.mecefo_basis_up, weight_basis)
+    model, optimizer = trained_with_adamw(steps=1)
+    optimizer.state[model.model.layers[0].mlp.gate_proj.weight]["exp_avg"].zero_()  # nothing learnt there
+    mk.refresh_bases(model, optimizer=optimizer)
+    assert model.model.layers[0].mecefo_bases_from == ("weight", "momentum", "momentum")
+    weight_model, weight_optimizer = trained_with_adamw(basis="weight", steps=1)
+    mk.refresh_bases(weight_model, optimizer=weight_optimizer)  # basis "weight" ignores the optimizer
+    assert weight_model.model.layers[0].mecefo_bases_from == ("weight",) * 3
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
+        mk.refresh_bases(model, optimizer={"exp_avg": 1})
+    with pytest.raises(ValueError, match="basis must be one of weight, momentum"):
+        mk.apply_mecefo(lm.tiny_model(), basis="gradient")
+
+
+def test_bases_state_round_trips():
+    model, optimizer = trained_with_adamw(steps=2)
+    mk.refresh_bases(model, optimizer=optimizer)
+    state = {k: v.clone() for k, v in mk.bases_state_dict(model).items()}
+    assert len(state) == 3 * len(model.model.layers) and all("mecefo_basis" in k for k in state)
+    other = mk.apply_mecefo(copy.deepcopy(model), basis="momentum", rank=6)  # fresh bases from the weights
+    assert not all(torch.equal(state[k], v) for k, v in mk.bases_state_dict(other).items())
+    mk.load_bases_state_dict(other, state)
+    assert all(torch.equal(state[k], v) for k, v in mk.bases_state_dict(other).items())
+    with pytest.raises(ValueError, match="bases state does not match the model"):
+        mk.load_bases_state_dict(other, {k: v for k, v in list(state.items())[1:]})
+    with pytest.raises(ValueError, match="shape .* in the state"):
+        mk.load_bases_state_dict(mk.apply_mecefo(copy.deepcopy(model), rank=3), state)

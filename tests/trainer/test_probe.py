@@ -33,9 +33,9 @@ class RandomBatches:
     def __init__(self, vocab=256, micro_batch=2, seq_len=12):
         self.vocab, self.micro_batch, self.seq_len = vocab, micro_batch, seq_len
 
-    def batch(self, step, shard):
+    def batch(self, step, shard, start=0, stop=None):
         g = torch.Generator().manual_seed(1000 * step + shard)
-        tokens = torch.randint(0, self.vocab, (self.micro_batch, self.seq_len + 1), generator=g)
+        tokens = torch.randint(0, self.vocab, (self.micro_batch, self.seq_len + 1), generator=g)[start:stop]
         return tokens[:, :-1], tokens[:, 1:]
 
 

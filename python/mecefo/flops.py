@@ -1,7 +1,8 @@
-"""Matmul FLOP counts of the LLaMA pieces the benchmarks time (MECEFO.md, "What a neighbour step costs").
+"""Matmul FLOP counts of the LLaMA pieces (MECEFO.md, "What a neighbour step costs").
 
-Shared by bench/kernels.py (achieved TFLOP/s of each op) and bench/step.py (the analytic floor of
-a neighbour step). Elementwise work (norms, SiLU, softmax) is left out: it is memory-bound and
+Used by the trainer (:mod:`mecefo.costs`: the cost of a neighbour-mode sequence when none is
+measured), bench/kernels.py (achieved TFLOP/s of each op) and bench/step.py (the analytic floor
+of a neighbour step). Elementwise work (norms, SiLU, softmax) is left out: it is memory-bound and
 measured in GB/s instead.
 """
 
@@ -39,3 +40,25 @@ def attention_forward_flops(batch: int, seq: int, d: int, kv: int) -> int:
     """Projections (q, o: [d, d]; k, v: [kv, d]) and causal attention (QK^T and PV, half of S^2 each)."""
     tokens = batch * seq
     return 2 * tokens * d * (2 * d + 2 * kv) + 2 * batch * seq ** 2 * d
+
+
+def layer_forward_flops(batch: int, seq: int, d: int, h: int, kv: int) -> int:
+    """One decoder layer's forward: projections, causal attention (half of S^2), SwiGLU."""
+    return attention_forward_flops(batch, seq, d, kv) + ffn_forward_flops(batch * seq, d, h)
+
+
+def layer_flops(batch: int, seq: int, d: int, h: int, kv: int, ranks: tuple[int, int, int] | None = None) -> int:
+    """Forward + backward of one layer. Normal (ranks None): 3F. Neighbour mode (the bases' ranks): F,
+    plus the FFN recompute (gate, up), the exact FFN input gradients and MeCeFO's low-rank weight
+    gradients; no attention backward."""
+    f = layer_forward_flops(batch, seq, d, h, kv)
+    if ranks is None:
+        return 3 * f
+    return f + ffn_backward_flops(batch * seq, d, h, ranks)
+
+
+def model_flops(batch: int, seq: int, d: int, h: int, kv: int, layers: int, vocab: int,
+                ranks: tuple[int, int, int] | None = None) -> int:
+    """Forward + backward of a micro-batch through the whole model: the layers and the LM head (its
+    forward, input and weight gradients are exact in both modes)."""
+    return layers * layer_flops(batch, seq, d, h, kv, ranks) + 6 * batch * seq * d * vocab
