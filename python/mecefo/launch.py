@@ -352,8 +352,9 @@ class Supervisor:
                 self._rejoin_dead()
                 if self.tail.done > bar.n:
                     last = self.tail.last
-                    bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}",
-                                    live=f"{len(last['live'])}/{cfg.replicas}", refresh=False)
+                    if last is not None:  # None: only a resumed checkpoint's steps so far
+                        bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}",
+                                        live=f"{len(last['live'])}/{cfg.replicas}", refresh=False)
                     bar.update(self.tail.done - bar.n)
                 if time.monotonic() > deadline:
                     tails = "\n".join(f"--- replica {r}\n{_log_tail(self.run_dir / 'logs' / f'replica_{r}.log')}"

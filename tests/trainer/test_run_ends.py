@@ -22,6 +22,7 @@ from trainer_runs import (FAST, check_replicas_agree, final_model, full_batch_re
                           relative_difference, run)
 
 pytestmark = pytest.mark.slow
+HEADROOM = dict(max_wall_s=400.0)  # process start-up alone took 30 s under a load average of 15
 
 
 def one_lineage(run_dir: Path) -> None:
@@ -43,7 +44,7 @@ def test_a_replica_that_wakes_behind_a_finished_job_is_fenced(tmp_path, corpus_c
     (the supervisor wakes a hung replica once the job has finished), forms a quorum of itself at
     step 4 and must not train steps 4.. again, nor overwrite the final checkpoint or the summary."""
     cfg = make_config(tmp_path / "run", corpus_cache, policy="ndb-exact", replicas=2, steps=16,
-                      inject=["hang@4:1=600"], restart_after=None)
+                      inject=["hang@4:1=600"], restart_after=None, **HEADROOM)
     result = run(cfg)
     assert result.end.complete and result.summary["complete"]
     assert result.summary["fenced"] == [{"replica": 1, "step": 4}]
@@ -66,7 +67,7 @@ def test_every_replica_dead_relaunches_from_the_newest_checkpoint(tmp_path, corp
     early with exit 0. (min_replicas 2 makes replica 0 wait for the rejoiner, so the transfer
     happens whatever the machine's load; with 1, replica 0 could finish first.)"""
     cfg = make_config(tmp_path / "run", corpus_cache, policy="ndb-exact", replicas=2, steps=16, checkpoint_every=4,
-                      inject=["kill@6:1", "kill@6:*:send"], restart_after=0, min_replicas=2)
+                      inject=["kill@6:1", "kill@6:*:send"], restart_after=0, min_replicas=2, **HEADROOM)
     result = run(cfg)
     s = result.summary
     assert s["complete"] and s["steps_done"] == 16 and s["job_restarts"] == 1 and s["kills"] == 2
@@ -84,7 +85,7 @@ def test_an_aborted_run_says_so_and_writes_its_summary(tmp_path, corpus_cache):
     returns exit 1, not a traceback, with summary.json written: complete false, the reason, the
     steps done."""
     cfg = make_config(tmp_path / "run", corpus_cache, policy="ndb-exact", replicas=2, steps=2000, max_restarts=0,
-                      inject=["kill@2:1"])
+                      inject=["kill@2:1"], **HEADROOM)
     result = launch(cfg)
     assert result.returncode == 1 and not result.end.complete
     summary = json.loads((cfg.run_path / "summary.json").read_text())
@@ -102,7 +103,7 @@ def mecefo_train(*args: str, **kwargs) -> subprocess.Popen:
 
 
 def cli_args(run_dir: Path, cache: Path, **overrides) -> list[str]:
-    options = {**FAST, "run_dir": str(run_dir), "cache_dir": str(cache), **overrides}
+    options = {**FAST, **HEADROOM, "run_dir": str(run_dir), "cache_dir": str(cache), **overrides}
     flags = {"timeout_s": "--timeout", "heartbeat_timeout_s": "--heartbeat-timeout",
              "quorum_timeout_s": "--quorum-timeout", "max_wall_s": "--max-wall"}
     out = ["--no-progress"]
