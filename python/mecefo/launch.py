@@ -43,6 +43,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .checkpoint import checkpoint_path
+from .cli import EXIT_INTERRUPTED
 from .config import ConfigError, TrainConfig, add_train_arguments, config_from_args
 from .data import check_length, prepare_corpus
 from .failures import injections_dir, load_schedule, parse_injection
@@ -53,7 +54,6 @@ from .replica import CHECKPOINT_DIR, CORPUS_FILE, RESTART_EXIT_CODE, RESTART_REQ
 POLL_S = 0.05
 EXIT_INCOMPLETE = 1  # aborted, or ended without committing every step
 EXIT_USAGE = 2  # bad input (as argparse)
-EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
 
 
 @dataclass(frozen=True)

@@ -97,7 +97,8 @@ def test_an_aborted_run_says_so_and_writes_its_summary(tmp_path, corpus_cache):
 # ---------------------------------------------------------------------------- the command line
 
 def mecefo_train(*args: str, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", "import sys; from mecefo.launch import train_main; "
+    """The console script, as pyproject.toml defines it (mecefo.cli)."""
+    return subprocess.Popen([sys.executable, "-c", "import sys; from mecefo.cli import train_main; "
                              "sys.exit(train_main())", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, **kwargs)
 
@@ -163,6 +164,14 @@ def test_ctrl_c_writes_the_summary_of_the_steps_done_and_exits_130(tmp_path, cor
     assert summary["complete"] is False and summary["end"] == "interrupted (Ctrl-C)" and summary["steps_done"] >= 3
     spawned = [e["pid"] for e in read_jsonl(run_dir / "events.jsonl") if e.get("event") == "spawn"]
     assert spawned and not [pid for pid in spawned if _alive(pid)], "no replica outlives the launcher"
+
+
+def test_ctrl_c_while_still_importing_is_one_line(tmp_path):
+    proc = mecefo_train("--run-dir", str(tmp_path / "run"), "--no-progress")
+    time.sleep(1.0)  # torch is still importing (2 s or more on 2 cores)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err == "mecefo-train: interrupted before training started\n", err
 
 
 def _alive(pid: int) -> bool:
