@@ -12,6 +12,12 @@
 #   build     pip install --no-build-isolation --no-deps -e . with MECEFO_REQUIRE_EXT=1 (sm_90 only)
 #   info      python -m mecefo_kernels.info
 #   tests     tests/kernels and tests/nn (CUDA paths, native Triton)
+#   sanitize  compute-sanitizer memcheck and racecheck over bench/sanitize.py: the fused SwiGLU
+#             backward and the low-rank chain (split-K included) on Triton, RMSNorm on Triton and
+#             the CUDA extension, at small odd shapes, every autotune config (dry run: the same
+#             calls under TRITON_INTERPRET=1, no sanitizer)
+#   gemm      bench/gemm.py: autotuned TFLOP/s of every GEMM-bearing Triton kernel next to torch.mm
+#             at the same shapes (llama-1b, llama-7b, 8192 tokens, bf16; then fp32 as TF32)
 #   kernels   bench/kernels.py, one op per run (a timeout loses one op's rows, not all), bf16
 #   step      bench/step.py at llama-350m, llama-1b and a 4-layer llama-7b slice, seq 2048, bf16
 #   cluster   bench/cluster.py simulate from this GPU's step rows (the trainer's restart, detection
@@ -19,8 +25,9 @@
 #   plot      bench/plot.py for this GPU
 #
 # Output under $OUT (the device tool returns at most 8 files): gpu_rows.csv (the rows this session
-# added: append them to bench/results/results.csv), summary.txt (stage status and the tables),
-# logs.tar.gz (every stage's full log), kernels_*.png, step_*.png, cluster_*.png.
+# added: append them to bench/results/results.csv), summary.txt (stage status, sanitizer verdicts,
+# the GEMM table and the other tables), logs.tar.gz (every stage's full log), kernels_*.png,
+# step_*.png, cluster_*.png.
 
 set -u -o pipefail
 
@@ -87,12 +94,15 @@ if [ "$DRY_RUN" = 1 ]; then
     STEP_PRESETS=(tiny); STEP_SEQ=32; STEP_ARGS=(--rep-ms 10 --rounds 3 --reruns 0 --max-spread inf --scopes block step)
     CLUSTER_ARGS=(--hours 50 --seeds 2)
     TESTS=(tests/kernels/test_memory.py)
+    GEMM_ARGS=(--rep-ms 5); GEMM_TF32_ARGS=(--rep-ms 5 --tf32)
 else
     KERNEL_PRESETS=(llama-350m llama-1b llama-7b); KERNEL_TOKENS=(8192); BASIS_PRESETS=(llama-1b llama-7b)
     KERNEL_REP_MS=50
     STEP_PRESETS=(llama-350m llama-1b llama-7b); STEP_SEQ=2048; STEP_ARGS=()
     CLUSTER_ARGS=()
     TESTS=(tests/kernels tests/nn)
+    GEMM_ARGS=(--presets llama-1b llama-7b --tokens 8192 --dtype bfloat16)
+    GEMM_TF32_ARGS=(--presets llama-7b --tokens 8192 --dtype float32 --tf32)
 fi
 
 run_stage env 30 bash -c "nvidia-smi || echo 'no nvidia-smi (dry run?)'; nvcc --version || true; \
@@ -107,6 +117,17 @@ else
 fi
 run_stage info 30 "$PYTHON" -m mecefo_kernels.info
 run_stage tests 150 "$PYTHON" -m pytest -q -p no:cacheprovider --timeout 120 "${TESTS[@]}"
+
+# Races and out-of-bounds accesses, before any timing: a kernel that fails here is not worth timing.
+if [ "$DRY_RUN" = 1 ]; then
+    run_stage sanitize-interpreter 120 env TRITON_INTERPRET=1 "$PYTHON" bench/sanitize.py
+else
+    for tool in memcheck racecheck; do
+        run_stage "sanitize-$tool" 90 compute-sanitizer --tool "$tool" --error-exitcode 1 "$PYTHON" bench/sanitize.py
+    done
+fi
+run_stage gemm 60 "$PYTHON" bench/gemm.py --csv "$CSV" "${GEMM_ARGS[@]}"
+run_stage gemm-tf32 45 "$PYTHON" bench/gemm.py --csv "$CSV" "${GEMM_TF32_ARGS[@]}"
 
 for op in rmsnorm swiglu swiglu_ffn lowrank_linear residual_skip; do
     run_stage "kernels-$op" 60 "$PYTHON" bench/kernels.py --csv "$CSV" --ops "$op" --presets "${KERNEL_PRESETS[@]}" \
@@ -140,6 +161,12 @@ tar -czf "$OUT/logs.tar.gz" -C "$WORK" logs status.txt
     echo "# $(wc -l < "$WORK/new_rows.csv") new rows in gpu_rows.csv; append them to bench/results/results.csv"
     for name in tests cluster; do
         [ -f "$LOGS/$name.log" ] && { echo; echo "## $name (log tail)"; tail -n 30 "$LOGS/$name.log"; }
+    done
+    for log in "$LOGS"/sanitize-*.log; do
+        [ -f "$log" ] && { echo; echo "## $(basename "$log" .log)"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|^ran on|Error|error" "$log" | tail -n 12; }
+    done
+    for name in gemm gemm-tf32; do
+        [ -f "$LOGS/$name.log" ] && { echo; echo "## $name"; grep -vE "^appended" "$LOGS/$name.log" | tail -n 14; }
     done
     [ -f "$LOGS/step-llama-1b.log" ] && { echo; echo "## step llama-1b"; grep -E "^llama-1b" "$LOGS/step-llama-1b.log"; }
     echo

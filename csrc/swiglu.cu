@@ -20,6 +20,7 @@
 #include <tuple>
 
 #include "checks.h"
+#include "pack.cuh"
 #include "swiglu_math.h"
 
 namespace mecefo {
@@ -27,20 +28,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 65535;
-
-template <typename scalar_t, int N>
-struct alignas(sizeof(scalar_t) * N) Pack {
-  scalar_t v[N];
-};
-
-// Elements per 16-byte vector when every pointer allows it, else 1.
-template <typename scalar_t>
-int vector_width(std::initializer_list<const void*> pointers) {
-  for (const void* ptr : pointers) {
-    if (reinterpret_cast<std::uintptr_t>(ptr) % 16 != 0) return 1;
-  }
-  return 16 / sizeof(scalar_t);
-}
 
 int64_t blocks_for(int64_t work) {
   return std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads, kMaxBlocks));

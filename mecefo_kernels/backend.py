@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from .interpreter import triton_interpreting
+
 ENV_VAR = "MECEFO_BACKEND"
 REQUESTS = ("auto", "triton", "cuda", "cpu", "torch")
 IMPLEMENTATIONS = ("triton", "cuda", "cpu", "torch")
@@ -138,10 +140,6 @@ def extension_status(device_type: str) -> Availability:
         return Availability(True, f"compiled CUDA kernels (CUDA {module.cuda_version // 1000}."
                                   f"{module.cuda_version % 1000 // 10})")
     return Availability(False, f"no compiled kernels for device type {device_type!r}")
-
-
-def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @functools.cache

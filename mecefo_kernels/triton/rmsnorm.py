@@ -2,6 +2,10 @@
 
 Same contract as the reference (mecefo_kernels/reference/rmsnorm.py): x [T, d] with a
 contiguous last dimension (any row stride), weight [d]; rstd [T] float32.
+
+A program holds a whole row in registers; its warps grow with the row (launch.row_launch), so
+the backward's four row-sized values per thread (x, dy, w, the dweight accumulator) fit in
+registers without spilling at every LLaMA width (d <= 8192).
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import block_for, check_dtype, persistent_programs
+from .launch import check_dtype, device_guard, persistent_programs, row_launch
 
 
 @triton.jit
@@ -73,8 +77,11 @@ def rmsnorm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torc
     rows, d = x.shape
     y = torch.empty((rows, d), dtype=x.dtype, device=x.device)
     rstd = torch.empty((rows,), dtype=torch.float32, device=x.device)
+    launch = row_launch(d)
     if rows:
-        _rmsnorm_fwd_kernel[(rows,)](x, weight, y, rstd, x.stride(0), y.stride(0), d, eps, BLOCK_D=block_for(d))
+        with device_guard(x):
+            _rmsnorm_fwd_kernel[(rows,)](x, weight, y, rstd, x.stride(0), y.stride(0), d, eps, BLOCK_D=launch.block,
+                                         num_warps=launch.num_warps)
     return y, rstd
 
 
@@ -92,11 +99,14 @@ def rmsnorm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     weight = weight.contiguous()
     rows, d = x.shape
     dx = torch.empty((rows, d), dtype=x.dtype, device=x.device)
-    programs = persistent_programs(x.device, rows)
+    launch = row_launch(d)
+    # about 32 resident warps per SM whatever the row width
+    programs = persistent_programs(x.device, rows, per_sm=max(1, 32 // launch.num_warps))
     partial = torch.empty((programs, d), dtype=torch.float32, device=x.device)
     if rows:
-        _rmsnorm_bwd_kernel[(programs,)](dy, x, weight, rstd, dx, partial, dy.stride(0), x.stride(0),
-                                         dx.stride(0), rows, d, BLOCK_D=block_for(d))
+        with device_guard(x):
+            _rmsnorm_bwd_kernel[(programs,)](dy, x, weight, rstd, dx, partial, dy.stride(0), x.stride(0),
+                                             dx.stride(0), rows, d, BLOCK_D=launch.block, num_warps=launch.num_warps)
     else:
         partial.zero_()
     return dx, partial.sum(0).to(weight.dtype)

@@ -16,8 +16,15 @@ Registered ops (``torch.ops.mecefo_triton.*``), same contracts as the reference
   projected onto V_down).
 
 a, u and dp are rounded to the activation dtype before the epilogue, exactly as when they
-are materialised (the non-recompute path and the other backends), so every mode computes
-the same numbers. fp16, bf16 and fp32 operands; fp32 products are exact ("ieee"), not tf32.
+are materialised (the non-recompute path and the other backends), so every mode rounds at the
+same points: under the interpreter the results differ only by the GEMMs' summation order; on a
+GPU also by up to one ulp of the activation dtype in rare elements, because there tl.exp and
+the division lower to approximate instructions (ex2.approx.f32, div.full.f32) where torch uses
+IEEE-rounded expf and division (README, "GPU numerics").
+
+fp16 and bf16 GEMMs run on tensor cores. fp32 GEMMs run here only as TF32, when torch allows
+TF32 for fp32 matmuls; exact fp32 runs as cuBLAS GEMMs followed by the elementwise kernels
+(launch.triton_gemm says why).
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import autotune_configs, check_dtype, dot_mode, elementwise_block, grouped_tile, mma, tile_dot, tile_grid
+from .launch import (autotune_configs, block_k_for_operand_size, check_dtype, device_guard, dot_mode,
+                     elementwise_block, grouped_tile, mma, size_bucket, tile_dot, tile_grid, triton_gemm)
 
 
 @triton.jit
@@ -84,7 +92,8 @@ def swiglu_fwd(a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     n = a.numel()
     if n:
         block = elementwise_block()
-        _swiglu_fwd_kernel[(triton.cdiv(n, block),)](a, u, p, n, BLOCK=block)
+        with device_guard(a):
+            _swiglu_fwd_kernel[(triton.cdiv(n, block),)](a, u, p, n, BLOCK=block)
     return p
 
 
@@ -101,7 +110,8 @@ def swiglu_bwd(dp: torch.Tensor, a: torch.Tensor, u: torch.Tensor) -> tuple[torc
     n = a.numel()
     if n:
         block = elementwise_block()
-        _swiglu_bwd_kernel[(triton.cdiv(n, block),)](dp, a, u, da, du, p, n, BLOCK=block)
+        with device_guard(a):
+            _swiglu_bwd_kernel[(triton.cdiv(n, block),)](dp, a, u, da, du, p, n, BLOCK=block)
     return da, du, p
 
 
@@ -159,9 +169,13 @@ def _dual_dot(Z, WG, WU, offs_m, offs_n, M, N, K, stride_zm, stride_zk, stride_w
     return acc_a, acc_u
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["N", "K"])
+# Autotune keys: the token count M as its power-of-two bucket M_BUCKET (launch.size_bucket), and
+# whether a and u are stored (two more [M, N] writes change the best tile). M_BUCKET is not read
+# by the kernels; it is an argument only so that the autotuner can key on it.
+@triton.autotune(configs=_FWD_CONFIGS, key=["M_BUCKET", "N", "K", "STORE_PREACT"],
+                 prune_configs_by={"early_config_prune": block_k_for_operand_size})
 @triton.jit
-def _gate_up_swiglu_fwd_kernel(Z, WG, WU, P, A, U, M, N, K, stride_zm, stride_zk, stride_wn, stride_wk,
+def _gate_up_swiglu_fwd_kernel(Z, WG, WU, P, A, U, M, N, K, stride_zm, stride_zk, stride_wn, stride_wk, M_BUCKET,
                                STORE_PREACT: tl.constexpr, DOT_MODE: tl.constexpr, BLOCK_M: tl.constexpr,
                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -181,10 +195,12 @@ def _gate_up_swiglu_fwd_kernel(Z, WG, WU, P, A, U, M, N, K, stride_zm, stride_zk
         tl.store(U + offs, u, mask=mask)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["N", "K", "K_OUT"])
+@triton.autotune(configs=_BWD_CONFIGS, key=["M_BUCKET", "N", "K", "K_OUT"],
+                 prune_configs_by={"early_config_prune": block_k_for_operand_size})
 @triton.jit
 def _gate_up_swiglu_bwd_kernel(Z, WG, WU, DY, WD, DA, DU, P, M, N, K, K_OUT, stride_zm, stride_zk, stride_wn,
-                               stride_wk, stride_dym, stride_dyk, stride_wdk, stride_wdn, DOT_MODE: tl.constexpr,
+                               stride_wk, stride_dym, stride_dyk, stride_wdk, stride_wdn, M_BUCKET,
+                               DOT_MODE: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                GROUP_M: tl.constexpr):
     pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -221,16 +237,23 @@ def _check_gate_up(op: str, z: torch.Tensor, w_gate: torch.Tensor, w_up: torch.T
 def gate_up_swiglu(z: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
                    store_preact: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_gate_up("gate_up_swiglu", z, w_gate, w_up)
-    w_gate, w_up = w_gate.contiguous(), w_up.contiguous()
     (m, k), n = z.shape, w_gate.shape[0]
+    if not triton_gemm(z.dtype):  # exact fp32: cuBLAS GEMMs, then the elementwise SwiGLU
+        a, u = z @ w_gate.t(), z @ w_up.t()
+        p = swiglu_fwd(a, u)
+        if not store_preact:
+            a, u = z.new_empty((0, n)), z.new_empty((0, n))
+        return p, a, u
+    w_gate, w_up = w_gate.contiguous(), w_up.contiguous()
     p = torch.empty((m, n), dtype=z.dtype, device=z.device)
     rows = m if store_preact else 0
     a = torch.empty((rows, n), dtype=z.dtype, device=z.device)
     u = torch.empty((rows, n), dtype=z.dtype, device=z.device)
     if m and n:
-        _gate_up_swiglu_fwd_kernel[tile_grid(m, n)](
-            z, w_gate, w_up, p, a, u, m, n, k, z.stride(0), z.stride(1), w_gate.stride(0), w_gate.stride(1),
-            STORE_PREACT=store_preact, DOT_MODE=dot_mode(z.dtype))
+        with device_guard(z):
+            _gate_up_swiglu_fwd_kernel[tile_grid(m, n)](
+                z, w_gate, w_up, p, a, u, m, n, k, z.stride(0), z.stride(1), w_gate.stride(0), w_gate.stride(1),
+                size_bucket(m), STORE_PREACT=store_preact, DOT_MODE=dot_mode(z.dtype))
     return p, a, u
 
 
@@ -252,14 +275,17 @@ def gate_up_swiglu_bwd(z: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor
     if dy.dtype != z.dtype or w_down.dtype != z.dtype:
         raise ValueError(f"gate_up_swiglu_bwd: dy and w_down must have z's dtype {z.dtype}, got {dy.dtype}, "
                          f"{w_down.dtype}")
+    if not triton_gemm(z.dtype):  # exact fp32: cuBLAS GEMMs, then the elementwise SwiGLU backward
+        return swiglu_bwd(dy @ w_down, z @ w_gate.t(), z @ w_up.t())
     w_gate, w_up, w_down = w_gate.contiguous(), w_up.contiguous(), w_down.contiguous()
     da = torch.empty((m, n), dtype=z.dtype, device=z.device)
     du, p = torch.empty_like(da), torch.empty_like(da)
     if m and n:
-        _gate_up_swiglu_bwd_kernel[tile_grid(m, n)](
-            z, w_gate, w_up, dy, w_down, da, du, p, m, n, k, w_down.shape[0], z.stride(0), z.stride(1),
-            w_gate.stride(0), w_gate.stride(1), dy.stride(0), dy.stride(1), w_down.stride(0), w_down.stride(1),
-            DOT_MODE=dot_mode(z.dtype))
+        with device_guard(z):
+            _gate_up_swiglu_bwd_kernel[tile_grid(m, n)](
+                z, w_gate, w_up, dy, w_down, da, du, p, m, n, k, w_down.shape[0], z.stride(0), z.stride(1),
+                w_gate.stride(0), w_gate.stride(1), dy.stride(0), dy.stride(1), w_down.stride(0), w_down.stride(1),
+                size_bucket(m), DOT_MODE=dot_mode(z.dtype))
     return da, du, p
 
 

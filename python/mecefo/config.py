@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .membership import DEFAULT_MAX_LOAD, DEFAULT_PENALTY
+from .membership import DEFAULT_DROP_PENALTY, DEFAULT_MAX_LOAD, DEFAULT_PENALTY
 from .policy import APPROXIMATIONS, BASES, POLICIES, TAKEOVERS, Policy, check_policy, resolve_policy
 from .presets import PRESETS, get_preset
 
@@ -53,6 +53,7 @@ class TrainConfig:
     max_load: float = DEFAULT_MAX_LOAD  # spread: the most work a replica runs in a step, in shards
     neighbour_cost: float | None = None  # a neighbour-mode sequence / an exact one (None: the model's FLOP ratio)
     auto_penalty: float = DEFAULT_PENALTY  # auto: progress lost per unit share of the batch approximated
+    auto_drop_penalty: float = DEFAULT_DROP_PENALTY  # auto: progress lost per unit share of the batch dropped
     # MeCeFO: low-rank gradient rank (int, or fraction of in_features), the bases' refresh period in
     # steps during a failure episode (None: mecefo_kernels' defaults), and what the bases come from
     rank: int | float | None = None
@@ -101,8 +102,9 @@ class TrainConfig:
             raise ValueError(f"max_load must be >= 1 (shards of work a replica runs), got {self.max_load}")
         if self.neighbour_cost is not None and not self.neighbour_cost > 0:
             raise ValueError(f"neighbour_cost must be > 0, got {self.neighbour_cost}")
-        if self.auto_penalty < 0:
-            raise ValueError(f"auto_penalty must be >= 0, got {self.auto_penalty}")
+        if self.auto_penalty < 0 or self.auto_drop_penalty < 0:
+            raise ValueError(f"auto_penalty and auto_drop_penalty must be >= 0, got {self.auto_penalty} and "
+                             f"{self.auto_drop_penalty}")
         preset = get_preset(self.preset)
         if self.device not in DEVICES:
             raise ConfigError("device", f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
@@ -207,7 +209,7 @@ def add_train_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig) 
                         "it, both shards in MeCeFO neighbour mode), ndb-exact (its neighbour runs it exactly), "
                         "spread (its sequences spread over every live replica, exact), spread-orphan / "
                         "neighbour-orphan (only the taken-over sequences in neighbour mode), auto (per step, the "
-                        "plan that keeps the batch with the least predicted time per unit of progress), shrink "
+                        "plan with the least predicted time per unit of training progress), shrink "
                         "(dropped, torchft's default), restart (checkpoint-restart the whole job)")
     g.add_argument("--takeover", default=d.takeover, choices=TAKEOVERS,
                    help="override the policy's takeover: who runs a dead replica's sequences")
@@ -223,6 +225,9 @@ def add_train_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig) 
                    help="auto: training progress lost per unit share of the batch run in neighbour mode (default "
                         "%(default)s, measured by bench/fidelity.py): exact work is preferred while it costs at most "
                         "1/(1 - penalty x share) - 1 more step time")
+    g.add_argument("--auto-drop-penalty", type=float, default=d.auto_drop_penalty,
+                   help="auto: training progress lost per unit share of the batch dropped (default %(default)s, "
+                        "measured by bench/fidelity.py)")
     g.add_argument("--rank", type=_rank, default=d.rank,
                    help="MeCeFO low-rank gradient rank: an int, or a fraction of each weight's in_features "
                         "(default: mecefo_kernels' default)")

@@ -27,18 +27,20 @@ Takeover (:mod:`mecefo.policy`):
 Approximation: ``both`` puts all the work of a replica that takes anything over in neighbour
 mode, ``orphan`` only the work taken over, ``none`` nothing.
 
-``auto`` (either choice): the candidate plans are built, those dropping the fewest sequences
-kept, and the one with the least predicted **time per unit of training progress** is chosen::
+``auto`` (either choice): among the candidate plans, the one with the least predicted **time per
+unit of training progress**::
 
-    score = predicted step time / (1 - penalty x share of the global batch run in neighbour mode)
+    score = predicted step time / (1 - penalty x approximated share - drop_penalty x dropped share)
 
-Predicted step time: the largest load over the live replicas, a sequence costing ``costs.exact``
-(1) exactly and ``costs.neighbour`` in neighbour mode (:class:`mecefo.costs.WorkCosts`).
-``penalty`` is the share of a step's progress lost per unit share of its batch approximated
-(measured by bench/fidelity.py: README, "Takeover policies"); so exact work is preferred while it
-costs at most ``1 / (1 - penalty x share) - 1`` more step time, a margin that grows with the work
-approximated. Ties go to the more exact plan, then to spreading. The plan records why it was
-chosen.
+the shares being fractions of the global batch (n x m sequences) run in neighbour mode and
+dropped. Predicted step time: the largest load over the live replicas, a sequence costing
+``costs.exact`` (1) exactly and ``costs.neighbour`` in neighbour mode
+(:class:`mecefo.costs.WorkCosts`). ``penalty`` and ``drop_penalty`` are the fractions of a step's
+progress lost per unit share of its batch approximated or dropped, measured by bench/fidelity.py
+(README, "Takeover policies"). So exact work is preferred while it costs at most
+``1 / (1 - penalty x share) - 1`` more step time, a margin that grows with the work
+approximated. Ties go to the plan dropping less, then the more exact one, then to spreading. The
+plan records why it was chosen.
 
 Normalisers follow from counting: each parameter group is divided by the number of shards'
 worth of sequences that contributed a gradient to it. Attention parameters and input_layernorm
@@ -52,6 +54,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from .costs import WorkCosts
 from .policy import POLICIES, PRESETS, Policy, check_policy, resolve_policy  # noqa: F401  (re-exported)
@@ -60,6 +63,7 @@ EXACT = "exact"
 NEIGHBOUR = "neighbour"
 DEFAULT_MAX_LOAD = 2.0  # shards of work a spreading replica may run: as much as a Neighbor-Do-Both neighbour
 DEFAULT_PENALTY = 1.0  # auto: progress lost per unit share of the batch approximated (README, "auto")
+DEFAULT_DROP_PENALTY = 1.0  # auto: progress lost per unit share of the batch dropped
 
 
 def _check_live(n: int, live: Iterable[int]) -> tuple[int, ...]:
@@ -190,9 +194,18 @@ class StepPlan:
         replicas = self.live if replica is None else (replica,)
         return any(item.mode == NEIGHBOUR for r in replicas for item in self.items_of(r))
 
+    @cached_property
+    def _mode_counts(self) -> dict[int, tuple[int, int]]:
+        """Live replica -> (exact sequences, neighbour-mode sequences) it runs."""
+        counts = {}
+        for r, items in self.work.items():
+            exact = sum(item.sequences for item in items if item.mode == EXACT)
+            counts[r] = (exact, sum(item.sequences for item in items) - exact)
+        return counts
+
     def _count(self, mode: str | None = None) -> int:
-        return sum(item.sequences for items in self.work.values() for item in items
-                   if mode is None or item.mode == mode)
+        column = {EXACT: (0,), NEIGHBOUR: (1,), None: (0, 1)}[mode]
+        return sum(c[i] for c in self._mode_counts.values() for i in column)
 
     @property
     def processed_sequences(self) -> int:
@@ -237,7 +250,8 @@ class StepPlan:
 
     def load(self, replica: int, costs: WorkCosts) -> float:
         """Predicted compute time of ``replica``'s work, in normal steps (own shard exact = 1)."""
-        return sum(item.sequences * costs.of(item.mode) for item in self.items_of(replica)) / self.sequences
+        exact, neighbour = self._mode_counts.get(replica, (0, 0))
+        return (exact * costs.exact + neighbour * costs.neighbour) / self.sequences
 
     def step_time(self, costs: WorkCosts) -> float:
         """Predicted compute time of the step: the slowest live replica's load."""
@@ -294,13 +308,20 @@ def _spread_work(n: int, live: tuple[int, ...], m: int, policy: Policy, costs: W
 
     first = dead[0]
     order = sorted(live, key=lambda r: (r - first - 1) % n)  # ring order after the first dead shard
-    counts = dict.fromkeys(order, 0)
-    for _ in range(len(dead) * m):
-        open_ = [r for r in order if counts[r] < capacity]
-        if not open_:
-            break
-        best = min(open_, key=lambda r: (load(counts[r] + 1), order.index(r)))
-        counts[best] += 1
+    total = len(dead) * m
+    if policy.approximate != "both":
+        # every replica starts at the same load and each orphan sequence adds the same cost: the
+        # least-loaded-first deal is a round robin in ring order, capped by the bound
+        base, extra = divmod(total, len(order))
+        counts = {r: min(capacity, base + (i < extra)) for i, r in enumerate(order)}
+    else:  # a replica's own shard turns approximate with its first orphan sequence: deal one at a time
+        counts = dict.fromkeys(order, 0)
+        rank = {r: i for i, r in enumerate(order)}
+        for _ in range(total):
+            open_ = [r for r in order if counts[r] < capacity]
+            if not open_:
+                break
+            counts[min(open_, key=lambda r: (load(counts[r] + 1), rank[r]))] += 1
     # lay the orphan sequences out in order: each replica gets consecutive ranges
     sequences = [(d, j) for d in dead for j in range(m)]
     position = 0
@@ -332,35 +353,45 @@ def approximated_share(plan: StepPlan) -> float:
     return plan._count(NEIGHBOUR) / (plan.n * plan.sequences)
 
 
-def progress_score(plan: StepPlan, costs: WorkCosts, penalty: float) -> float:
+def dropped_share(plan: StepPlan) -> float:
+    """Share of the global batch nobody runs."""
+    return plan.dropped_sequences / (plan.n * plan.sequences)
+
+
+def progress_score(plan: StepPlan, costs: WorkCosts, penalty: float, drop_penalty: float) -> float:
     """auto's criterion: predicted step time per unit of training progress (lower is better)."""
-    progress = 1.0 - penalty * approximated_share(plan)
+    progress = 1.0 - penalty * approximated_share(plan) - drop_penalty * dropped_share(plan)
     return plan.step_time(costs) / progress if progress > 0 else float("inf")
 
 
 def _choose(n: int, live: tuple[int, ...], m: int, policy: Policy, costs: WorkCosts, max_load: float,
-            penalty: float) -> StepPlan:
-    """auto: the least time per unit of progress among the candidates dropping fewest (module docstring)."""
+            penalty: float, drop_penalty: float) -> StepPlan:
+    """auto: the least time per unit of progress among the candidates (module docstring)."""
     plans = [_fixed_plan(n, live, m, candidate, costs, max_load) for candidate in policy.candidates()]
-    fewest = min(p.dropped_sequences for p in plans)
-    plans = [p for p in plans if p.dropped_sequences == fewest]
     order = {a: i for i, a in enumerate(APPROXIMATION_PREFERENCE)}
-    ranked = sorted(plans, key=lambda p: (round(progress_score(p, costs, penalty), 12), order[p.policy.approximate]))
+
+    def score(p: StepPlan) -> float:
+        return progress_score(p, costs, penalty, drop_penalty)
+
+    ranked = sorted(plans, key=lambda p: (round(score(p), 12), p.dropped_sequences, order[p.policy.approximate]))
     chosen = ranked[0]
     t = chosen.step_time(costs)
     if set(live) == set(range(n)):
         return StepPlan(n, live, m, chosen.policy, chosen.work, "", t)
+
     def summary(p: StepPlan) -> str:
         return (f"{p.policy.name} {p.step_time(costs):.3f}x, {approximated_share(p):.1%} approximated, "
-                f"{progress_score(p, costs, penalty):.3f} per unit of progress")
+                f"{dropped_share(p):.1%} dropped: {score(p):.3f} per unit of progress")
+
     others = "; ".join(summary(p) for p in ranked[1:])
-    reason = f"auto chose {summary(chosen)} (penalty {penalty:g}" + (f"; others: {others})" if others else ")")
+    reason = (f"auto chose {summary(chosen)} (penalties {penalty:g} approximated, {drop_penalty:g} dropped"
+              + (f"; others: {others})" if others else ")"))
     return StepPlan(n, live, m, chosen.policy, chosen.work, reason, t)
 
 
 def plan_step(n: int, live: Iterable[int], policy: str | Policy, *, sequences: int = 1,
               costs: WorkCosts | None = None, max_load: float = DEFAULT_MAX_LOAD,
-              penalty: float = DEFAULT_PENALTY) -> StepPlan:
+              penalty: float = DEFAULT_PENALTY, drop_penalty: float = DEFAULT_DROP_PENALTY) -> StepPlan:
     """The plan for one step with the given live replicas.
 
     Args:
@@ -371,7 +402,7 @@ def plan_step(n: int, live: Iterable[int], policy: str | Policy, *, sequences: i
         costs: per-sequence costs for spreading's load balance and auto's choice (default: exact 1,
             neighbour mode :data:`mecefo.costs.DEFAULT_NEIGHBOUR_COST`).
         max_load: spreading: the most work a replica runs, in shards.
-        penalty: auto: progress lost per unit share of the batch approximated.
+        penalty, drop_penalty: auto: progress lost per unit share of the batch approximated / dropped.
     """
     policy = resolve_policy(policy)
     live = _check_live(n, live)
@@ -381,13 +412,13 @@ def plan_step(n: int, live: Iterable[int], policy: str | Policy, *, sequences: i
         raise ValueError(f"sequences (per shard) must be an int >= 1, got {sequences!r}")
     if max_load < 1:
         raise ValueError(f"max_load must be >= 1 shard (a replica's own), got {max_load}")
-    if penalty < 0:
-        raise ValueError(f"penalty must be >= 0, got {penalty}")
+    if penalty < 0 or drop_penalty < 0:
+        raise ValueError(f"penalty and drop_penalty must be >= 0, got {penalty} and {drop_penalty}")
     costs = costs or WorkCosts()
     if policy.restart:
         policy = Policy("neighbour", "none")  # restart never trains with a replica missing; as exact NDB if it did
     if policy.is_auto:
-        return _choose(n, live, sequences, policy, costs, max_load, penalty)
+        return _choose(n, live, sequences, policy, costs, max_load, penalty, drop_penalty)
     return _fixed_plan(n, live, sequences, policy, costs, max_load)
 
 

@@ -20,10 +20,10 @@ Two independent choices make a policy (MECEFO.md, "Beyond the paper"):
   - ``none``: everything exactly (exact Neighbor-Do-Both, or exact spreading).
 
 ``auto`` for either choice lets :func:`mecefo.membership.plan_step` pick, per step, the allowed
-plan with the least predicted step time per unit of training progress, approximated work
-counting as a measured fraction of progress lost (see :mod:`mecefo.membership`). ``auto`` approximation chooses between
-``none`` and ``orphan`` (``both`` approximates work that nobody lost); ``auto`` takeover between
-``neighbour`` and ``spread``.
+plan with the least predicted step time per unit of training progress, approximated and dropped
+work each costing a measured fraction of a step's progress (see :mod:`mecefo.membership`).
+``auto`` approximation chooses between ``none`` and ``orphan`` (``both`` approximates work that
+nobody lost); ``auto`` takeover between ``spread``, ``neighbour`` and ``drop``.
 
 The names users know are presets (``--policy``); ``--takeover`` / ``--approximate`` override a
 preset's fields:
@@ -38,7 +38,7 @@ restart           (restart)     none         checkpoint-restart of the whole job
 spread            spread        none         exact, the orphan spread over every survivor
 spread-orphan     spread        orphan       spread, only the taken-over sequences approximated
 neighbour-orphan  neighbour     orphan       one neighbour, only the orphan shard approximated
-auto              auto          auto         per step, the fastest plan that keeps the batch
+auto              auto          auto         per step, the least time per unit of progress
 ================  ============  ===========  ==================================================
 
 Restart is not a takeover: the supervisor restarts the whole job from its newest checkpoint on
@@ -91,9 +91,9 @@ class Policy:
 
     def candidates(self) -> list[Policy]:
         """The fixed policies ``auto`` chooses among (just this one if it is not auto)."""
-        takeovers = ("spread", "neighbour") if self.takeover == "auto" else (self.takeover,)
+        takeovers = ("spread", "neighbour", "drop") if self.takeover == "auto" else (self.takeover,)
         approximations = ("none", "orphan") if self.approximate == "auto" else (self.approximate,)
-        return [Policy(t, a) for a in approximations for t in takeovers]
+        return [Policy(t, a) for a in approximations for t in takeovers if t != "drop" or a == "none"]
 
 
 PRESETS: dict[str, Policy] = {

@@ -1,28 +1,32 @@
-"""Gradient-error probe: MeCeFO's gradient against the exact one, on the same weights and the same batch.
+"""Gradient-error probe: an approximating policy's gradient against the exact one, same weights, same batch.
 
 MeCeFO's convergence theorem assumes the approximate gradient has a bounded RELATIVE error
 (the paper measured below 0.6 through LLaMA-1B training). This module measures it for a step
-plan (:func:`mecefo.membership.plan_step`): which replicas are dead and which live replica
-runs each dead replica's shard.
+plan (:func:`mecefo.membership.plan_step`): which replicas are dead, who runs their work and
+which work runs in neighbour mode.
 
 Notation, for one step with ``n`` shards (shard ``s`` = micro-batch ``batches.batch(step, s)``):
 
 * ``g_s``: the exact gradient of shard s's mean loss (plain forward/backward);
-* ``ĝ_s``: the gradient a neighbour computes for shard s in MeCeFO neighbour mode (attention
-  backward skipped, low-rank FFN weight gradients); it has no attention / input_layernorm part.
-  A neighbour runs two shards in neighbour mode: its own and the dead replica's;
-* ``N``: the live replicas that are not neighbours; ``P``: the shards processed (n unless more
-  than half the replicas are gone).
+* ``ĝ_s``: the gradient of shard s in MeCeFO neighbour mode (attention backward skipped,
+  low-rank FFN weight gradients); it has no attention / input_layernorm part. The paper's
+  neighbour runs two shards that way, its own and the dead replica's; with orphan-only
+  approximation only the dead replica's;
+* ``X``: the shards run exactly; ``P``: the shards processed (n unless shards are dropped).
 
-Exact step gradient (what ndb-exact applies, and what training without failures applies)::
+Exact step gradient (what ndb-exact and spread apply, and what training without failures applies)::
 
     G = (1/P) sum_s g_s
 
-MeCeFO step gradient, what the trainer's all-reduce and normalisers (:mod:`mecefo.sync`,
-:func:`mecefo.membership.normalisers`) produce before clipping::
+Approximate step gradient, what the trainer's all-reduce and normalisers (:mod:`mecefo.sync`,
+:meth:`mecefo.membership.StepPlan.normalisers`) produce before clipping::
 
-    attention params (Wq, Wk, Wv, Wo, input_layernorm):  Ĝ = (1/|N|) sum_{k in N} g_k
-    every other param:  Ĝ = (1/P) (sum_{k in N} g_k + sum_{s run by a neighbour} ĝ_s)
+    attention params (Wq, Wk, Wv, Wo, input_layernorm):  Ĝ = (1/|X|) sum_{s in X} g_s
+    every other param:  Ĝ = (1/P) (sum_{s in X} g_s + sum_{s in neighbour mode} ĝ_s)
+
+(under the paper's MeCeFO, X holds the shards of N, the live replicas that are not neighbours).
+:func:`plan_gradient` computes the same for any plan, sequence ranges included, by running every
+replica's work items as the trainer does.
 
 Reported (:class:`ProbeResult`):
 
@@ -31,7 +35,7 @@ Reported (:class:`ProbeResult`):
   This is the error of the gradient the optimizer sees, the quantity the theorem bounds.
 * ``shrink``: the step error of what policy shrink applies at the same weights under the same
   plan: every live replica's own shard, exact, averaged over |live| (the dead shards dropped).
-  Unbiased but from a smaller batch; the yardstick MeCeFO's biased full-batch estimate has to beat.
+  Unbiased but from a smaller batch; the yardstick an approximating policy has to beat.
 * ``shards``: for each shard run in neighbour mode, ``||ĝ_s - g_s|| / ||g_s||`` total and per
   group: the error of one neighbour micro-batch on its own. Its attention part is 1 by
   construction (no gradient at all); the FFN part holds both approximations, the low-rank
@@ -220,7 +224,7 @@ def probe(model: torch.nn.Module, path: MeCeFOPath, batches, step: int, plan: St
     return compare(exact, neighbour_gradients(model, path, batches, step, plan), groups)
 
 
-def single_failure_plan(n: int, dead: int = 0) -> StepPlan:
-    """The plan with one replica dead out of ``n``: replica ``dead + 1`` runs both shards."""
-    return plan_step(n, [r for r in range(n) if r != dead], "mecefo")
+def single_failure_plan(n: int, dead: int = 0, policy: str = "mecefo") -> StepPlan:
+    """The plan with one replica dead out of ``n``: replica ``dead + 1`` runs the dead shard as well."""
+    return plan_step(n, [r for r in range(n) if r != dead], policy)
 

@@ -237,7 +237,8 @@ class Replica:
         members = self.membership.members
         failed = frozenset() if self.policy.restart else self.schedule.failed_at(step)
         plan = plan_step(cfg.replicas, [r for r in members if r not in failed], self.policy,
-                         sequences=cfg.micro_batch, costs=self.costs, max_load=cfg.max_load, penalty=cfg.auto_penalty)
+                         sequences=cfg.micro_batch, costs=self.costs, max_load=cfg.max_load, penalty=cfg.auto_penalty,
+                         drop_penalty=cfg.auto_drop_penalty)
         items = plan.items_of(self.replica)
         needs_bases = plan.runs_neighbour_mode()
         refreshed = False

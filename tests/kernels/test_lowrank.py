@@ -268,3 +268,76 @@ def test_compiled_ops_check_their_arguments():
             ns.lowrank_project(x, torch.randn(7, 3))
         with pytest.raises(error, match="xv"):
             ns.lowrank_weight_grad(torch.randn(5, 6), torch.randn(4, 3), basis, torch.float32)
+
+
+# --------------------------------------------------------------------------- Triton GEMM launches
+
+triton_only = pytest.mark.skipif("triton" not in live_implementations("lowrank", "cpu"),
+                                 reason="Triton kernels need TRITON_INTERPRET=1 on CPU")
+
+
+@pytest.fixture
+def matmul_launches(monkeypatch):
+    """Records (A, B, C, grid) of every launch of the low-rank GEMM kernel, then runs it."""
+    from mecefo_kernels.triton import lowrank as triton_lowrank
+
+    kernel = triton_lowrank._matmul_kernel
+    launches = []
+    run = kernel.run
+
+    def recording_run(*args, grid, **kwargs):
+        launches.append((args[0], args[1], args[2], grid))
+        return run(*args, grid=grid, **kwargs)
+
+    monkeypatch.setattr(kernel, "run", recording_run)
+    return launches
+
+
+@triton_only
+@pytest.mark.parametrize("tf32", [False, True], ids=["exact", "tf32"])
+def test_fp32_gemms_run_in_triton_only_with_tf32(tf32, allow_tf32, matmul_launches):
+    """fp32: Triton's GEMM kernel when TF32 is allowed, cuBLAS (torch.mm) otherwise; the result
+    matches float64 either way (the interpreter multiplies exactly; on a GPU the eager baseline
+    runs with the same TF32 setting, so the tolerance follows it)."""
+    allow_tf32(tf32)
+    x, weight, basis, bias, dy = (torch.randn(37, 48), torch.randn(80, 48) / 7, None, None, torch.randn(37, 80))
+    basis = mk.lowrank_basis(weight, 12)
+    exact = lowrank_f64(x, weight, basis, bias, dy)
+    baseline = lowrank_eager(x, weight, basis, bias, dy)
+    got = lowrank_mecefo(x, weight, basis, bias, dy, "triton")
+    for name, g, e, b in zip(NAMES[:3], got, exact, baseline):
+        assert_close(f"triton/{name}", g, e, b)
+    assert len(matmul_launches) == (3 if tf32 else 0), "x V, dy^T xV and g V^T"
+
+
+@triton_only
+def test_basis_is_cast_once_not_per_tile(matmul_launches):
+    """The float32 basis reaches the kernel already in the activation dtype (one small cast per
+    call), so tiles of both operands share a dtype and nothing is converted inside the loop."""
+    x, weight, dy = torch.randn(37, 48).bfloat16(), torch.randn(80, 48).bfloat16(), torch.randn(37, 80).bfloat16()
+    lowrank_mecefo(x, weight, mk.lowrank_basis(weight, 12), None, dy, "triton")
+    assert len(matmul_launches) == 3
+    for a, b, _, _ in matmul_launches:
+        assert a.dtype == b.dtype == torch.bfloat16, (a.dtype, b.dtype)
+
+
+@triton_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32-tf32"])
+def test_split_k_matches_float64(dtype, allow_tf32, matmul_launches):
+    """dy^T xV split over the tokens: fp32 partials per split, summed in a fixed order, rounded
+    once; the same answer as one program per tile (a GPU splits when tiles are few)."""
+    from mecefo_kernels.triton.lowrank import _matmul
+
+    allow_tf32(True)
+    dy, xv = torch.randn(1100, 80).to(dtype), torch.randn(1100, 12).to(dtype)
+    exact = dy.double().t() @ xv.double()
+    baseline = (dy.float().t() @ xv.float()).to(dtype)  # fp32 accumulation, one rounding
+    split = _matmul(dy.t(), xv, dtype, programs=64)
+    (_, _, c, grid), = matmul_launches
+    assert c.shape == (2, 80, 12) and c.dtype == torch.float32, "two fp32 partials"
+    assert grid({"BLOCK_M": 64, "BLOCK_N": 64})[1] == 2
+    whole = _matmul(dy.t(), xv, dtype, programs=1)
+    assert matmul_launches[1][3]({"BLOCK_M": 64, "BLOCK_N": 64})[1] == 1
+    for name, got in (("split", split), ("whole", whole)):
+        assert_close(name, got, exact, baseline)
+

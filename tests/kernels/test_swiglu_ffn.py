@@ -265,3 +265,30 @@ def test_compiled_ops_check_their_arguments():
             ns.swiglu_fwd(a, torch.randn(4, 7))
         with pytest.raises(error, match="dp .*(dtype|float64)"):
             ns.swiglu_bwd(a.double(), a, a)
+
+
+@pytest.mark.skipif("triton" not in live_implementations("swiglu_ffn", "cpu"), reason="needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("tf32", [False, True], ids=["exact", "tf32"])
+@pytest.mark.parametrize("recompute", [False, True], ids=["saved", "recompute"])
+def test_fp32_gemms_run_in_triton_only_with_tf32(tf32, recompute, allow_tf32):
+    """fp32 on the triton backend: the GEMM-with-SwiGLU-epilogue kernels when TF32 is allowed,
+    cuBLAS GEMMs plus the elementwise SwiGLU kernels otherwise; float64 agreement either way
+    (the interpreter multiplies exactly; on a GPU the eager baseline uses the same TF32 setting)."""
+    from triton_op_cases import recorded_launches
+
+    allow_tf32(tf32)
+    args = make_problem((37, 48), 80, 48, True, (8, 8, 16), torch.float32)
+    exact, baseline = ffn_f64(*args), ffn_eager(*args)
+    with recorded_launches() as launches:
+        got = ffn_mecefo(*args, recompute=recompute, backend="triton")
+    for name, g, e, b in zip(NAMES, got, exact, baseline):
+        assert_close(f"triton/{name}", g, e, b)
+    fused = {"swiglu._gate_up_swiglu_fwd_kernel", "swiglu._gate_up_swiglu_bwd_kernel"} & set(launches)
+    elementwise = {"swiglu._swiglu_fwd_kernel", "swiglu._swiglu_bwd_kernel"} & set(launches)
+    if tf32:
+        assert fused == ({"swiglu._gate_up_swiglu_fwd_kernel", "swiglu._gate_up_swiglu_bwd_kernel"} if recompute
+                         else {"swiglu._gate_up_swiglu_fwd_kernel"}), launches
+        assert "lowrank._matmul_kernel" in launches
+    else:
+        assert not fused and "lowrank._matmul_kernel" not in launches, launches
+        assert elementwise == {"swiglu._swiglu_fwd_kernel", "swiglu._swiglu_bwd_kernel"}, launches

@@ -41,6 +41,7 @@ def fidelity_run(tmp_path_factory, corpus_cache):
             "--eval-batches", "2", "--checkpoint-every", "5", "--probe-every", "5", "--taus", "5",
             "--ranks", "1/32", "--schedules", str(schedule), "--policies", "mecefo", "shrink", "--seeds", "0", "1",
             "--sweep-schedule", str(schedule), "--threads", "1", "--work-dir", str(tmp / "runs"),
+            "--ladder", "5", "--ttq-n", "4", "--ttq-seeds", "1", "--ttq-hours", "20",
             "--cache-dir", str(corpus_cache)] + [a for k, v in out.items() for a in (f"--{k}", str(v))]
     assert fidelity.main(argv) == 0
     return tmp, out, json.loads(out["json"].read_text()), argv
@@ -98,9 +99,11 @@ def test_sweep_reuses_the_default_run_and_the_page_lists_everything(fidelity_run
     assert page.startswith(f"# Training fidelity under failures ({VARIANT})")
     assert ("`python bench/fidelity.py --steps 10 --replicas 3 --seq-len 16 --micro-batch 2 --eval-every 5 "
             "--eval-batches 2 --checkpoint-every 5 --probe-every 5 --schedules "
-            f"{tmp / 'failures.txt'} --policies mecefo shrink --seeds 0 1 --ranks 1/32 --taus 5`") in page
+            f"{tmp / 'failures.txt'} --policies mecefo shrink --seeds 0 1 --ranks 1/32 --taus 5 --ladder 5 "
+            "--ttq-n 4 --ttq-seeds 1 --ttq-hours 20.0`") in page
     rows = list(csv.DictReader(out["csv"].open()))
-    assert {r["benchmark"] for r in rows} == {"fidelity/quality", "fidelity/seeds", "fidelity/probe", "fidelity/sweep"}
+    assert {r["benchmark"] for r in rows} == {"fidelity/quality", "fidelity/seeds", "fidelity/probe", "fidelity/sweep",
+                                              "fidelity/progress", "fidelity/time-to-quality"}
 
 
 def test_seeds_pair_each_seeds_runs_with_its_own_reference(fidelity_run):
@@ -123,6 +126,35 @@ def test_seeds_pair_each_seeds_runs_with_its_own_reference(fidelity_run):
     rows = [r for r in csv.DictReader(out["csv"].open()) if r["benchmark"] == "fidelity/seeds"]
     assert {(r["provider"], r["mode"]) for r in rows} == {(p, f"failures.txt,seed={k}") for p in ("mecefo", "shrink")
                                                          for k in ("0", "1")}
+
+
+def test_progress_per_step_is_read_off_each_seeds_ladder(fidelity_run):
+    """efficiency = E / S with L*(E) the run's final loss on its seed's failure-free ladder (5 and 10 steps,
+    linear in log steps); penalty = (1 - efficiency) / share of sequences approximated (dropped for shrink)."""
+    _, out, results, _ = fidelity_run
+    ladder, sd, model = results["ladder"], results["seeds"], results["quality_model"]
+    assert ladder["lengths"] == [5, 10]
+    assert ladder["val_loss"]["0"]["10"] == sd["runs"]["0"]["none"]["val_loss"]  # the 10-step run is the reference
+    for seed in ("0", "1"):
+        l5, l10 = ladder["val_loss"][seed]["5"], ladder["val_loss"][seed]["10"]
+        for variant, share_key in (("mecefo", "approximated_fraction"), ("shrink", "dropped_fraction")):
+            run = sd["runs"][seed][variant]
+            effective = math.exp(math.log(5) + (run["val_loss"] - l5) / (l10 - l5) * (math.log(10) - math.log(5)))
+            assert model["efficiency"][variant]["per_seed"][seed] == pytest.approx(effective / 10)
+            share = run[share_key]
+            assert share > 0 and model["penalties"][variant]["per_seed"][seed] == pytest.approx((1 - effective / 10) / share)
+    # replica 1 down at steps 3-7 and 2 at 4-6 of 10 (3 replicas, 2 sequences each, 60 in all): shrink drops
+    # 2 sequences at 2 steps and 4 at 3; mecefo's neighbour approximates its 2 shards at all 5 (one dropped at 3)
+    assert sd["runs"]["0"]["shrink"]["dropped_fraction"] == pytest.approx(16 / 60)
+    assert sd["runs"]["0"]["mecefo"]["approximated_fraction"] == pytest.approx(20 / 60)
+    t = results["ttq"]
+    assert set(t["sources"]) == {"measured small", "flop-floor"} and t["ns"] == [4]
+    assert {r["variant"] for r in t["ttq"]} >= {"shrink", "mecefo", "spread", "auto", "restart", "floor-exact"}
+    spread = [r for r in t["ttq"] if r["variant"] == "spread"]
+    assert all(r["efficiency"] == 1.0 for r in spread), "exact: full progress per step"
+    page = out["docs"].read_text()
+    assert "## Progress per step" in page and "## Time to quality" in page and "Targets (issue 12):" in page
+    assert (out["docs"].parent / "fidelity" / f"{VARIANT}_ttq.png").stat().st_size > 10_000
 
 
 def test_one_part_rerun_keeps_the_other_parts_results(fidelity_run):

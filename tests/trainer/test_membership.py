@@ -210,35 +210,47 @@ def test_auto_minimises_time_per_unit_of_progress():
     exact = plan_step(32, live, "spread", sequences=16, costs=costs)
     orphan = plan_step(32, live, "spread-orphan", sequences=16, costs=costs)
     assert exact.step_time(costs) == pytest.approx(17 / 16) and orphan.step_time(costs) == pytest.approx(16.7 / 16)
+
+    def auto(penalty, drop_penalty=3.0, **kw):
+        return plan_step(32, live, "auto", sequences=16, costs=kw.pop("costs", costs), penalty=penalty,
+                         drop_penalty=drop_penalty, **kw)
+
     # orphan: 16 of 512 sequences approximated, 1.8% faster: worth it if that costs less than 1.8% of the progress
-    chosen = plan_step(32, live, "auto", sequences=16, costs=costs, penalty=1.0)  # costs 3.1%: exact
+    chosen = auto(1.0)  # costs 3.1%: exact
     assert chosen.policy == PRESETS["spread"] and chosen.work == exact.work
-    assert "auto chose spread 1.062x, 0.0% approximated" in chosen.reason and "spread-orphan" in chosen.reason
-    assert plan_step(32, live, "auto", sequences=16, costs=costs, penalty=0.3).policy == PRESETS["spread-orphan"]
-    assert plan_step(32, live, "auto", sequences=16, costs=costs, penalty=0.0).policy == PRESETS["spread-orphan"]
-    # a tie goes to the exact plan
-    assert plan_step(32, live, "auto", sequences=16, costs=WorkCosts(neighbour=1.0), penalty=0.0).policy == PRESETS["spread"]
+    assert "auto chose spread 1.062x, 0.0% approximated, 0.0% dropped" in chosen.reason
+    assert "spread-orphan" in chosen.reason and "shrink" in chosen.reason
+    assert auto(0.3).policy == PRESETS["spread-orphan"] and auto(0.0).policy == PRESETS["spread-orphan"]
+    # dropping the shard: step 1.0, 1/32 of the batch lost: the best plan if that loses little progress
+    assert auto(1.0, drop_penalty=2.0).policy == PRESETS["spread"]  # 1/(1 - 2/32) = 1.067 > 1.0625
+    assert auto(1.0, drop_penalty=1.0).policy == PRESETS["shrink"]  # 1/(1 - 1/32) = 1.032 < 1.0625
+    # a tie goes to the plan dropping less, then to the exact one
+    assert auto(0.0, costs=WorkCosts(neighbour=1.0)).policy == PRESETS["spread"]
     # 3 of 8 down, 2 sequences each: spreading cannot even out 6 sequences over 5 replicas
     live = [0, 1, 2, 3, 4]
-    chosen = plan_step(8, live, "auto", sequences=2, costs=costs, penalty=0.2)  # 2.0 vs 1.7 / (1 - 0.2 x 6/16)
+    chosen = plan_step(8, live, "auto", sequences=2, costs=costs, penalty=0.2, drop_penalty=3.0)  # 2.0 vs 1.838
     assert chosen.policy == PRESETS["spread-orphan"] and chosen.predicted == pytest.approx((2 + 2 * 0.7) / 2)
-    assert plan_step(8, live, "auto", sequences=2, costs=costs, penalty=1.0).policy == PRESETS["spread"]
+    assert plan_step(8, live, "auto", sequences=2, costs=costs, penalty=1.0, drop_penalty=3.0).policy == PRESETS["spread"]
     # takeover fixed to neighbour, approximation left to auto
     neighbour_auto = resolve_policy("auto", takeover="neighbour")
     assert plan_step(8, [0, 1, 2, 3, 4, 5, 6], neighbour_auto, sequences=2, costs=costs,
                      penalty=0.1).policy == PRESETS["neighbour-orphan"]
     # nobody dead: the plain plan, no reason to give
     assert plan_step(4, range(4), "auto", sequences=2).reason == ""
-    with pytest.raises(ValueError, match="penalty must be >= 0"):
+    with pytest.raises(ValueError, match="penalty and drop_penalty must be >= 0"):
         plan_step(4, [0], "auto", penalty=-1)
 
 
-def test_auto_never_drops_what_another_candidate_keeps():
-    # 3 of 4 down, bound 2 shards: neighbour takeover drops 2 shards, spreading 2 as well (same capacity)
-    plan = plan_step(4, [0], "auto", sequences=4, max_load=2.0)
-    assert plan.dropped_sequences == 8
-    wide = plan_step(4, [0], "auto", sequences=4, max_load=4.0)
-    assert wide.dropped_sequences == 0 and wide.policy.takeover == "spread"
+def test_auto_drops_only_what_no_candidate_can_keep_unless_dropping_is_cheap():
+    # 3 of 4 down, bound 2 shards: every takeover drops 2 of the 3 dead shards; the one taken over runs exactly
+    plan = plan_step(4, [0], "auto", sequences=4, max_load=2.0, drop_penalty=1.2)  # shrink: progress < 0
+    assert plan.dropped_sequences == 8 and plan.policy == PRESETS["spread"]
+    tie = plan_step(4, [0], "auto", sequences=4, max_load=2.0, drop_penalty=1.0)  # 2 / (1 - 1/2) = 1 / (1 - 3/4)
+    assert tie.dropped_sequences == 8 and tie.policy == PRESETS["spread"]
+    wide = plan_step(4, [0], "auto", sequences=4, max_load=4.0, drop_penalty=1.0)
+    assert wide.dropped_sequences == 0 and wide.policy.takeover == "spread"  # 4.0 vs 1 / (1 - 3/4) = 4.0: a tie
+    cheap = plan_step(4, [0], "auto", sequences=4, max_load=4.0, drop_penalty=0.5)
+    assert cheap.policy == PRESETS["shrink"]  # 1 / (1 - 0.5 x 3/4) = 1.6 < 4.0
 
 
 def test_policies_compose():

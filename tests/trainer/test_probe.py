@@ -175,3 +175,24 @@ def test_every_live_replica_a_neighbour_leaves_attention_without_update():
     model, path = patched(plain, 1 / 8)
     result = probe(model, path, RandomBatches(), 0, single_failure_plan(2))
     assert result.step["attention"] == 1.0
+
+
+@pytest.mark.parametrize("policy", ["mecefo", "neighbour-orphan"])
+def test_probe_step_gradient_is_what_the_trainer_computes(policy):
+    """The probe combines per-shard gradients; plan_gradient runs every replica's work items as the trainer
+    does (run_work, sums, per-group normalisers). They agree for whole-shard plans of either approximation."""
+    from mecefo.probe import approximate_step_gradient, plan_gradient
+
+    plain = tiny_llama(2)
+    model, path = patched(plain, 1 / 8)
+    batches = RandomBatches()
+    plan = plan_step(5, [0, 2, 3, 4], policy, sequences=batches.micro_batch)
+    groups = parameter_groups(model, path)
+    exact = exact_gradients(model, path, batches, 1, plan)
+    combined = approximate_step_gradient(exact, neighbour_gradients(model, path, batches, 1, plan), groups)
+    direct = plan_gradient(model, path, batches, 1, plan)
+    for name, g in combined.items():
+        got = direct.get(name, torch.zeros_like(g))
+        assert (got - g).abs().max().item() <= TOL * max(1.0, g.abs().max().item()), name
+    if policy == "neighbour-orphan":
+        assert neighbour_run_shards(plan) == [1]  # only the orphan; replica 2's own shard runs exactly
