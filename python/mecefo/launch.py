@@ -488,6 +488,8 @@ class _OneLineErrors(argparse.ArgumentParser):
         option = next((a.option_strings[0] for a in self._actions if a.dest == field and a.option_strings),
                       "--" + field.replace("_", "-"))
         text = str(error)
+        if text.startswith(f"{option} "):  # the message names the option already
+            self.error(text)
         text = text[len(field) + 1:] if text.startswith(f"{field} ") else text
         self.error(f"argument {option}: {text}")
 
