@@ -65,6 +65,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from records import DEFAULT_CSV, Recorder  # noqa: E402
+from timing import MAX_RATIO_SPREAD  # noqa: E402
 
 from mecefo.costs import WorkCosts  # noqa: E402
 from mecefo.failures import SCENARIOS, Schedule, load_schedule, scenario_schedule  # noqa: E402
@@ -346,7 +347,8 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-STEP_ROWS = (("model", "normal"), ("model", "neighbor"), ("step", "normal"))
+STEP_ROWS = (("model", "normal"), ("model", "neighbor"), ("step", "normal"))  # (scope, scenario)
+STEP_METRIC = {("model", "neighbor"): "time_ratio"}  # its paired ratio to normal (bench/timing.py); others: time
 
 
 @dataclass(frozen=True)
@@ -357,7 +359,8 @@ class StepRows:
     device: str
     config: str  # e.g. "small:L=6,B=1,S=256,r=8/8/22"
     commit: str
-    times_ms: dict[tuple[str, str], float]  # (scope, scenario) -> median ms
+    times_ms: dict[tuple[str, str], float]  # (scope, scenario) -> median ms, for the normal scenarios
+    neighbour_cost: float  # model scope: a neighbour-mode micro-batch / a normal one, paired per round
 
     @property
     def preset(self) -> str:
@@ -367,10 +370,6 @@ class StepRows:
     def tokens_per_shard(self) -> int:
         fields = dict(part.split("=", 1) for part in self.config.split(":", 1)[1].split(","))
         return int(fields["B"]) * int(fields["S"])
-
-    @property
-    def neighbour_cost(self) -> float:
-        return self.times_ms[("model", "neighbor")] / self.times_ms[("model", "normal")]
 
     def costs(self, overhead_s: float = 0.0, sequences: int = DEFAULT_SEQUENCES,
               penalty: float = DEFAULT_PENALTY) -> StepCosts:
@@ -382,10 +381,13 @@ class StepRows:
 
 
 def latest_step_rows(rows: list[dict], device: str | None, preset: str, seq: int | None) -> StepRows:
-    """The newest run's step.py times (model scope: normal, neighbor; step scope: normal) for a preset (and
-    sequence length) on a device whose name contains `device` (default: the device of the newest rows)."""
-    candidates = [r for r in rows if r["metric"] == "time" and (r["benchmark"].removeprefix("step/"), r["mode"])
-                  in STEP_ROWS and r["benchmark"].startswith("step/") and r["config"].split(":", 1)[0] == preset
+    """The newest run's step.py rows for a preset (and sequence length) on a device whose name contains
+    `device` (default: the device of the newest rows): model scope normal's time and neighbor's paired time
+    ratio, step scope normal's time. A run whose neighbour ratio was flagged (`time_ratio_unsupported`: its
+    rounds spread too much) is not used."""
+    candidates = [r for r in rows if r["benchmark"].startswith("step/")
+                  and (key := (r["benchmark"].removeprefix("step/"), r["mode"])) in STEP_ROWS
+                  and r["metric"] == STEP_METRIC.get(key, "time") and r["config"].split(":", 1)[0] == preset
                   and (seq is None or f",S={seq}," in r["config"] + ",")]
     if device is not None:
         candidates = [r for r in candidates if device.lower() in r["device"].lower()]
@@ -397,14 +399,16 @@ def latest_step_rows(rows: list[dict], device: str | None, preset: str, seq: int
         groups.setdefault((r["device"], r["config"], r["commit"]), {})[(r["benchmark"][5:], r["mode"])] = r
     complete = [g for g in groups.values() if set(STEP_ROWS) <= set(g)]  # in file order: the newest last
     if not complete:
-        raise LookupError(f"no bench/step.py rows with model-scope normal and neighbor and step-scope normal times "
-                          f"for preset {preset!r}{'' if seq is None else f' at seq {seq}'}"
+        raise LookupError(f"no bench/step.py rows with model-scope normal's time and neighbor's supported time "
+                          f"ratio and step-scope normal's time for preset {preset!r}"
+                          f"{'' if seq is None else f' at seq {seq}'}"
                           f"{'' if device is None else f' on {device!r}'}; "
                           f"run: python bench/step.py --presets {preset} --scopes model step")
     group = max(reversed(complete), key=lambda g: max(r["timestamp"] for r in g.values()))
     first = group[("model", "normal")]
     return StepRows(first["device"], first["config"], first["commit"],
-                    {key: float(group[key]["median"]) for key in STEP_ROWS})
+                    {key: float(group[key]["median"]) for key in STEP_ROWS if key not in STEP_METRIC},
+                    float(group[("model", "neighbor")]["median"]))
 
 
 def latest_event_costs(rows: list[dict]) -> EventCosts:
@@ -504,15 +508,16 @@ def measure_run(run_dir: Path, replicas: int, tokens_per_shard: int) -> Measured
 
 
 def neighbour_cost(preset: str, seq: int, micro_batch: int, threads: int, rep_ms: float = 3500,
-                   rounds: int = 7) -> float:
+                   rounds: int = 7, max_spread: float = MAX_RATIO_SPREAD) -> float:
     """bench/step.py's model scope (forward + backward, as the trainer's compute) at the trainer's shape and
     thread count: a neighbour-mode micro-batch's time / a normal one's (the per-sequence cost of neighbour
-    mode, as the plans use it)."""
+    mode, as the plans use it), paired per round (bench/timing.py). RuntimeError if the rounds do not
+    support the ratio even after a rerun."""
     import torch
 
     import mecefo_kernels as mk
     from mecefo.presets import get_preset
-    from step import interleaved_times, model_workload
+    from step import model_workload, paired_ratios
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -522,11 +527,16 @@ def neighbour_cost(preset: str, seq: int, micro_batch: int, threads: int, rep_ms
         work, _ = model_workload(preset_obj, preset_obj.num_layers, micro_batch, seq, mk.nn.decoder.DEFAULT_RANK,
                                  torch.float32, device, with_optimizer=False)
         names = ("normal", "neighbor")
-        times = interleaved_times({name: work.scenario(name) for name in names}, device, rep_ms, rounds,
-                                  list(work.module.parameters()))
+        _, ratios = paired_ratios({name: work.scenario(name) for name in names}, device, rep_ms, rounds,
+                                  list(work.module.parameters()), max_spread=max_spread)
     finally:
         torch.set_num_threads(previous)
-    return times["neighbor"].median_ms / times["normal"].median_ms
+    ratio = ratios["neighbor"]
+    if not ratio.supported(max_spread):
+        raise RuntimeError(f"the neighbour cost {ratio.describe()} is not supported by its measurement (spread "
+                           f"above {max_spread:.0%}): the machine is too busy to measure it; run again when it is "
+                           "quieter")
+    return ratio.median
 
 
 def restart_and_save_costs(run_dir: Path) -> tuple[float, float]:

@@ -16,7 +16,9 @@ lowrank_weight_grad (split-K)       dy^T xV [h, r] over T tokens, then g V^T [h,
 ==================================  =============================================  =========================
 
 TFLOP/s counts the GEMMs' 2 M N K only (the epilogues are extra work Triton does for free), so
-"triton / torch.mm" > 1 means the fused kernel beats cuBLAS on its GEMMs alone. Rows go to
+"ratio" (torch.mm time / triton time) > 1 means the fused kernel beats cuBLAS on its GEMMs alone. The
+two are timed in interleaved rounds and the ratio is the median of the per-round ratios; one whose
+rounds spread too much (bench/timing.py) is printed as "?" and not recorded. Rows go to
 bench/results/results.csv (benchmark "gemm"). On CPU (no Triton, or the interpreter) it runs
 torch.mm only, at toy sizes, to check the script.
 """
@@ -33,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from records import Recorder  # noqa: E402
-from timing import time_fn  # noqa: E402
+from timing import MAX_RATIO_SPREAD, interleaved_rounds, paired_ratio, summary_timing  # noqa: E402
 
 import mecefo_kernels  # noqa: E402,F401
 from mecefo.presets import get_preset  # noqa: E402
@@ -74,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank-fraction", type=float, default=1 / 32, help="low-rank r as a fraction of d")
     parser.add_argument("--dtype", default="bfloat16" if cuda else "float32", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--tf32", action="store_true", help="allow TF32 for fp32 (Triton's fp32 GEMMs need it)")
-    parser.add_argument("--rep-ms", type=float, default=100)
+    parser.add_argument("--rep-ms", type=float, default=100, help="timing budget per call and round")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of triton and torch.mm")
     parser.add_argument("--csv", type=Path, default=None, help="append rows here (default bench/results/results.csv)")
     parser.add_argument("--no-save", action="store_true", help="print only")
     args = parser.parse_args(argv)
@@ -95,12 +98,13 @@ def main(argv: list[str] | None = None) -> int:
         rank = max(1, round(d * args.rank_fraction))
         config = f"{preset_name}:T={args.tokens},d={d},h={h},r={rank}"
         for name, flops, triton_call, mm_call in gemm_cases(d, h, args.tokens, rank, dtype, device):
-            timings = {}
-            for provider, call in (("triton", triton_call), ("torch.mm", mm_call)):
-                if provider == "triton" and not with_triton:
-                    continue
+            calls = {"triton": triton_call, "torch.mm": mm_call} if with_triton else {"torch.mm": mm_call}
+            for call in calls.values():
                 call()  # the first call autotunes (Triton) or warms cuBLAS
-                t = time_fn(call, device, rep_ms=args.rep_ms)
+            rounds = interleaved_rounds(calls, device, rep_ms=args.rep_ms * args.rounds, rounds=args.rounds)
+            timings = {}
+            for provider, values in rounds.items():
+                t = summary_timing(values)
                 tflops = flops / (t.median_ms * 1e-3) / 1e12
                 timings[provider] = (t.median_ms, tflops)
                 recorder.add(benchmark="gemm", provider=provider, mode=name, config=config, metric="time", unit="ms",
@@ -109,7 +113,14 @@ def main(argv: list[str] | None = None) -> int:
                              unit="TFLOP/s", median=tflops)
             tri = timings.get("triton")
             mm_ms, mm_tflops = timings["torch.mm"]
-            ratio = f"{mm_ms / tri[0]:.2f}" if tri else "-"
+            ratio = "-"
+            if tri:
+                speedup = paired_ratio(rounds["torch.mm"], rounds["triton"])
+                ratio = f"{speedup.median:.2f}" if speedup.supported(MAX_RATIO_SPREAD) else f"?{speedup.spread:.0%}"
+                if speedup.supported(MAX_RATIO_SPREAD):
+                    recorder.add(benchmark="gemm", provider="triton", mode=name, config=config,
+                                 metric="speedup_vs_torch_mm", unit="x", median=speedup.median, p20=speedup.p20,
+                                 p80=speedup.p80)
             print(f"{name:<26}{config:<28}{tri[0] if tri else float('nan'):>10.3f}"
                   f"{tri[1] if tri else float('nan'):>9.1f}{mm_ms:>12.3f}{mm_tflops:>9.1f}{ratio:>7}")
     if not args.no_save:

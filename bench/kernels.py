@@ -28,7 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from records import Recorder  # noqa: E402
-from timing import Ceilings, Timing, measure_ceilings, peak_memory_bytes, retained_memory_bytes, time_fn  # noqa: E402
+from timing import (MAX_RATIO_SPREAD, Ceilings, Timing, measure_ceilings, peak_memory_bytes,  # noqa: E402
+                    retained_memory_bytes, time_fn)
 
 import mecefo_kernels as mk  # noqa: E402
 from mecefo.flops import (attention_forward_flops, ffn_backward_flops, ffn_forward_flops, linear_flops,  # noqa: E402
@@ -297,7 +298,7 @@ def rate_quantiles(amount: float, t: Timing, scale: float) -> tuple[float, float
 
 
 def run_case(case: Case, config: str, modes: list[str], device: torch.device, recorder: Recorder,
-             rep_ms: float, ceilings: Ceilings) -> None:
+             rep_ms: float, ceilings: Ceilings, max_spread: float = MAX_RATIO_SPREAD) -> None:
     def record(mode, metric, unit, median, p20=None, p80=None):
         recorder.add(benchmark=f"kernels/{case.op}", provider=case.provider, mode=mode, config=config,
                      metric=metric, unit=unit, median=median, p20=p20, p80=p80)
@@ -308,16 +309,21 @@ def run_case(case: Case, config: str, modes: list[str], device: torch.device, re
         peak = peak_memory_bytes(fn, device)
         record(mode, "time", "ms", t.median_ms, t.p20_ms, t.p80_ms)
         rate = ""
+        # a fraction of a ceiling timed at another moment: only when both timings are steady, else flagged
+        steady = t.supports_ratio(max_spread) and ceilings.supports_ratio(max_spread)
+        unsteady = f"? spread {max(t.spread, ceilings.spread):.0%}"
         if case.bytes_moved:
             gbps = rate_quantiles(case.bytes_moved(mode), t, 1e9)
             record(mode, "bandwidth", "GB/s", *gbps)
-            record(mode, "bandwidth_of_ceiling", "fraction", gbps[0] / ceilings.gbps)
-            rate = f"{gbps[0]:.1f} GB/s ({gbps[0] / ceilings.gbps:.0%})"
+            if steady:
+                record(mode, "bandwidth_of_ceiling", "fraction", gbps[0] / ceilings.gbps)
+            rate = f"{gbps[0]:.1f} GB/s ({f'{gbps[0] / ceilings.gbps:.0%}' if steady else unsteady})"
         if case.flops and case.flops(mode):
             tflops = rate_quantiles(case.flops(mode), t, 1e12)
             record(mode, "tflops", "TFLOP/s", *tflops)
-            record(mode, "tflops_of_ceiling", "fraction", tflops[0] / ceilings.tflops)
-            rate = f"{tflops[0]:.3g} TFLOP/s ({tflops[0] / ceilings.tflops:.0%})"
+            if steady:
+                record(mode, "tflops_of_ceiling", "fraction", tflops[0] / ceilings.tflops)
+            rate = f"{tflops[0]:.3g} TFLOP/s ({f'{tflops[0] / ceilings.tflops:.0%}' if steady else unsteady})"
         if peak is not None:
             record(mode, "peak_memory", "MiB", peak / 2**20)
         print(f"{case.op:<15}{case.provider:<30}{case.config:<26}{mode:<6}{t.median_ms:>11.3f}"
@@ -351,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
                         choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--rep-ms", type=float, default=100, help="time spent measuring each call (more: steadier)")
+    parser.add_argument("--max-spread", type=float, default=MAX_RATIO_SPREAD,
+                        help="a rate is given as a fraction of its ceiling only when both timings' p80 - p20 are "
+                             "within this fraction of their medians (default %(default)s)")
     parser.add_argument("--csv", type=Path, default=None, help="append rows here (default bench/results/results.csv)")
     parser.add_argument("--no-save", action="store_true", help="print only")
     args = parser.parse_args(argv)
@@ -373,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
             for tokens in args.tokens[:1] if op in TOKEN_FREE else args.tokens:
                 for case in OPS[op](preset, tokens, dtype, device):
                     run_case(case, f"{preset_name}:{case.config}", [m for m in args.modes if m in case.modes],
-                             device, recorder, args.rep_ms, ceilings)
+                             device, recorder, args.rep_ms, ceilings, args.max_spread)
     if not args.no_save:
         print(f"appended {len(recorder.rows)} rows to {recorder.save()}")
     return 0

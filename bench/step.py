@@ -19,12 +19,17 @@ backward), ``step`` (model scope + AdamW step). Per scenario: time (median, p20,
 CPU too), and the analytic FLOP floor (MECEFO.md, "What a neighbour step costs"), each also as a
 ratio to ``normal`` so the gap between measured and floor ratios is visible. Rows are appended to
 bench/results/results.csv. On CPU only the ratios mean anything.
+
+Time ratios are paired (bench/timing.py): the scenarios are timed in interleaved rounds and a
+scenario's ratio is the median of its per-round ratios to ``normal``. A ratio whose per-round
+values spread more than ``--max-spread`` is measured again (``--reruns``, with as many rounds
+again); if it still spreads, it is flagged, printed as ``?`` with its spread, and recorded as
+metric ``time_ratio_unsupported`` instead of ``time_ratio``.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from records import Recorder  # noqa: E402
-from timing import Timing, peak_memory_bytes, time_fn  # noqa: E402
+from timing import MAX_RATIO_SPREAD, Ratio, interleaved_rounds, paired_ratio, peak_memory_bytes, summary_timing  # noqa: E402,E501
 
 import mecefo_kernels as mk  # noqa: E402
 from mecefo_kernels.memory import SavedTensors  # noqa: E402
@@ -212,7 +217,11 @@ def main(argv: list[str] | None = None) -> int:
                         choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--rep-ms", type=float, default=None, help="timing budget per scenario")
     parser.add_argument("--rounds", type=int, default=None,
-                        help="interleaved timing rounds over the scenarios (default: 1 on GPU, 9 on CPU)")
+                        help="interleaved timing rounds over the scenarios (default: 3 on GPU, 9 on CPU)")
+    parser.add_argument("--max-spread", type=float, default=MAX_RATIO_SPREAD,
+                        help="a time ratio whose per-round values spread more than this fraction of its median "
+                             "(p80 - p20) is rerun, then flagged (default %(default)s)")
+    parser.add_argument("--reruns", type=int, default=1, help="reruns of a measurement whose ratio spreads too much")
     parser.add_argument("--csv", type=Path, default=None, help="append rows here (default bench/results/results.csv)")
     parser.add_argument("--no-save", action="store_true", help="print only")
     args = parser.parse_args(argv)
@@ -223,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype)
     rank = args.rank if args.rank is not None else mk.nn.decoder.DEFAULT_RANK
     rep_ms = args.rep_ms or (200 if cuda else 1000)
-    rounds = args.rounds or (1 if cuda else 9)
+    rounds = args.rounds or (3 if cuda else 9)
     recorder = Recorder(device, **({"path": args.csv} if args.csv else {}))
     print(f"# step costs on {recorder.env['device']}, {args.dtype}, rank {rank}")
     print(f"{'config':<34}{'scope':<7}{'scenario':<19}{'ms':>10}{'x normal':>9}{'floor x':>8}"
@@ -241,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                                                  with_optimizer=scope == "step")
                 config = (f"{preset_name}:L={1 if scope == 'block' else layers},B={args.batch},S={seq},"
                           f"r={'/'.join(map(str, shape.ranks))}")
-                measure(recorder, work, shape, scope, config, args.scenarios, device, rep_ms, rounds)
+                measure(recorder, work, shape, scope, config, args.scenarios, device, rep_ms, rounds,
+                        max_spread=args.max_spread, reruns=args.reruns)
                 del work
                 if cuda:
                     torch.cuda.empty_cache()
@@ -258,44 +268,53 @@ def release_after_oom(grads_to_none: list[torch.Tensor]) -> None:
 
 
 def interleaved_times(fns: dict[str, Callable[[], None]], device, rep_ms: float, rounds: int,
-                      grads_to_none: list[torch.Tensor]) -> dict[str, Timing | None]:
-    """time_fn over the scenarios in round-robin, `rounds` times: on a shared CPU, load that comes and
-    goes then hits every scenario alike. Median and p20/p80 are over the rounds' medians. A scenario
-    that runs out of memory (exact Neighbor-Do-Both at the large presets) gets None."""
-    medians: dict[str, list[float]] = {name: [] for name in fns}
+                      grads_to_none: list[torch.Tensor]) -> dict[str, list[float] | None]:
+    """Per-round times of every scenario in interleaved rounds (bench/timing.interleaved_rounds); a
+    scenario that runs out of memory (exact Neighbor-Do-Both at the large presets) gets None."""
     out_of_memory: set[str] = set()
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            if name in out_of_memory:
-                continue
-            for t in grads_to_none:
-                t.grad = None
-            try:
-                medians[name].append(time_fn(fn, device, rep_ms=rep_ms / rounds, grad_to_none=grads_to_none).median_ms)
-            except torch.OutOfMemoryError:
-                out_of_memory.add(name)
-                release_after_oom(grads_to_none)
-    out: dict[str, Timing | None] = {}
-    for name, values in medians.items():
-        values.sort()
-        out[name] = None if name in out_of_memory else Timing(
-            statistics.median(values), values[int(0.2 * (len(values) - 1))], values[round(0.8 * (len(values) - 1))])
-    return out
+
+    def skip(name: str, error: BaseException) -> bool:
+        if not isinstance(error, torch.OutOfMemoryError):
+            return False
+        out_of_memory.add(name)
+        release_after_oom(grads_to_none)
+        return True
+
+    times = interleaved_rounds(fns, device, rep_ms=rep_ms, rounds=rounds, grad_to_none=grads_to_none, skip=skip)
+    return {name: None if name in out_of_memory else values for name, values in times.items()}
+
+
+def paired_ratios(fns: dict[str, Callable[[], None]], device, rep_ms: float, rounds: int,
+                  grads_to_none: list[torch.Tensor], *, baseline: str = "normal", max_spread: float = MAX_RATIO_SPREAD,
+                  reruns: int = 1) -> tuple[dict[str, list[float] | None], dict[str, Ratio]]:
+    """Per-round times and each scenario's paired ratio to ``baseline``; while a ratio is unsupported, the
+    rounds are run again (``reruns`` times, as many rounds each) and the ratios taken over all of them."""
+    times = interleaved_times(fns, device, rep_ms, rounds, grads_to_none)
+    for attempt in range(reruns + 1):
+        base = times.get(baseline)
+        ratios = {} if base is None else {
+            name: paired_ratio(values, base) for name, values in times.items() if values is not None}
+        if attempt == reruns or all(r.supported(max_spread) for r in ratios.values()):
+            return times, ratios
+        more = interleaved_times(fns, device, rep_ms, rounds, grads_to_none)
+        times = {name: None if values is None or more[name] is None else values + more[name]
+                 for name, values in times.items()}
+    raise AssertionError("unreachable")
 
 
 def measure(recorder, work: Workload, shape: Shape, scope: str, config: str, scenarios, device, rep_ms,
-            rounds) -> None:
+            rounds, max_spread: float = MAX_RATIO_SPREAD, reruns: int = 1) -> None:
     grads_to_none = list(work.module.parameters()) + [x for x in work.inputs if x.requires_grad]
     fns = {name: work.scenario(name) for name in scenarios}
-    timings = interleaved_times(fns, device, rep_ms, rounds, grads_to_none)
+    times, ratios = paired_ratios(fns, device, rep_ms, rounds, grads_to_none, max_spread=max_spread, reruns=reruns)
     results = {}
     for name, fn in fns.items():
         for t in grads_to_none:
             t.grad = None
         try:
-            if timings[name] is None:
+            if times[name] is None:
                 raise torch.OutOfMemoryError(f"{name} ran out of memory while timed")
-            results[name] = (timings[name], peak_memory_bytes(fn, device), work.saved_bytes(name),
+            results[name] = (summary_timing(times[name]), peak_memory_bytes(fn, device), work.saved_bytes(name),
                              floor_flops(shape, scope, name))
         except torch.OutOfMemoryError:
             release_after_oom(grads_to_none)
@@ -303,6 +322,7 @@ def measure(recorder, work: Workload, shape: Shape, scope: str, config: str, sce
                          unit="bool", median=1)
             print(f"{config:<34}{scope:<7}{name:<19}{'out of memory':>10}")
     base = results.get("normal")
+    flagged = []
     for name, (timing, peak, saved, floor) in results.items():
         def add(metric, unit, value, **quantiles):
             recorder.add(benchmark=f"step/{scope}", provider="mecefo", mode=name, config=config, metric=metric,
@@ -313,17 +333,26 @@ def measure(recorder, work: Workload, shape: Shape, scope: str, config: str, sce
         add("flop_floor", "GFLOP", floor / 1e9)
         if peak is not None:
             add("peak_memory", "MiB", peak / 2**20)
-        ratios = (None, None, None)
+        time_x, floor_x, saved_x = "", "", ""
         if base is not None:
-            ratios = (timing.median_ms / base[0].median_ms, floor / base[3], saved / base[2])
-            add("time_ratio", "x normal", ratios[0])
-            add("flop_floor_ratio", "x normal", ratios[1])
-            add("saved_activations_ratio", "x normal", ratios[2])
+            ratio = ratios[name]
+            if ratio.supported(max_spread):
+                add("time_ratio", "x normal", ratio.median, p20=ratio.p20, p80=ratio.p80)
+                time_x = f"{ratio.median:.3f}"
+            else:
+                add("time_ratio_unsupported", "x normal", ratio.median, p20=ratio.p20, p80=ratio.p80)
+                time_x = "?"
+                flagged.append(f"# {config} {scope} {name}: time ratio {ratio.describe()} is not supported by its "
+                               f"measurement (spread above {max_spread:.0%} or under 3 rounds): not a result")
+            add("flop_floor_ratio", "x normal", floor / base[3])
+            add("saved_activations_ratio", "x normal", saved / base[2])
+            floor_x, saved_x = f"{floor / base[3]:.3f}", f"{saved / base[2]:.3f}"
             if peak is not None and base[1]:
                 add("peak_memory_ratio", "x normal", peak / base[1])
-        time_x, floor_x, saved_x = ("" if r is None else f"{r:.3f}" for r in ratios)
         print(f"{config:<34}{scope:<7}{name:<19}{timing.median_ms:>10.2f}{time_x:>9}{floor_x:>8}"
               f"{saved / 2**20:>11.2f}{saved_x:>9}{'' if peak is None else f'{peak / 2**20:.0f}':>10}")
+    for line in flagged:
+        print(line)
 
 
 if __name__ == "__main__":

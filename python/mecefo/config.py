@@ -21,6 +21,15 @@ DEVICES = ("cpu", "cuda")
 HASH_STATE_MAX_PARAMS = 50_000_000
 
 
+class ConfigError(ValueError):
+    """A rejected option value; ``field`` is the TrainConfig field it names (the launcher turns it into
+    the command-line option, e.g. ``timeout_s`` -> ``--timeout``)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 @dataclass
 class TrainConfig:
     run_dir: str = "runs/train"
@@ -98,35 +107,40 @@ class TrainConfig:
                              f"{self.auto_drop_penalty}")
         preset = get_preset(self.preset)
         if self.device not in DEVICES:
-            raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+            raise ConfigError("device", f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        positive = dict(replicas=self.replicas, steps=self.steps, seq_len=self.seq_len,
-                        micro_batch=self.micro_batch, threads=self.threads,
-                        keep_checkpoints=self.keep_checkpoints, min_replicas=self.min_replicas)
-        for name, value in positive.items():
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+            raise ConfigError("dtype", f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        at_least = dict(replicas=1, steps=1, seq_len=1, micro_batch=1, threads=1, keep_checkpoints=1, min_replicas=1,
+                        eval_batches=1, warmup=0, checkpoint_every=0, eval_every=0, max_restarts=0)
+        for name, low in at_least.items():
+            if getattr(self, name) < low:
+                raise ConfigError(name, f"{name} must be >= {low}, got {getattr(self, name)}")
         if self.seq_len > preset.max_seq_len:
-            raise ValueError(f"seq_len {self.seq_len} exceeds preset {self.preset!r}'s max_seq_len "
-                             f"{preset.max_seq_len}")
+            raise ConfigError("seq_len", f"seq_len {self.seq_len} exceeds preset {self.preset!r}'s max_seq_len "
+                                         f"{preset.max_seq_len}")
         if self.min_replicas > self.replicas:
-            raise ValueError(f"min_replicas {self.min_replicas} exceeds replicas {self.replicas}")
-        if self.warmup < 0 or self.checkpoint_every < 0 or self.eval_every < 0:
-            raise ValueError("warmup, checkpoint_every and eval_every must be >= 0")
+            raise ConfigError("min_replicas", f"min_replicas {self.min_replicas} exceeds replicas {self.replicas}")
         if not 0 < self.val_percent < 100:
-            raise ValueError(f"val_percent must be in (0, 100), got {self.val_percent}")
+            raise ConfigError("val_percent", f"val_percent must be in (0, 100), got {self.val_percent}")
         if self.rank is not None and (self.rank <= 0 or (isinstance(self.rank, float) and self.rank > 1)):
-            raise ValueError(f"rank must be an int >= 1 or a fraction in (0, 1], got {self.rank}")
+            raise ConfigError("rank", f"rank must be an int >= 1 or a fraction in (0, 1], got {self.rank}")
         if self.tau is not None and self.tau < 1:
-            raise ValueError(f"tau must be >= 1, got {self.tau}")
+            raise ConfigError("tau", f"tau must be >= 1, got {self.tau}")
         if self.restart_after is not None and self.restart_after < 0:
-            raise ValueError(f"restart_after must be >= 0 steps, got {self.restart_after}")
-        for name in ("timeout_s", "heartbeat_timeout_s", "quorum_timeout_s", "lr", "schedule_hours"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+            raise ConfigError("restart_after", f"restart_after must be >= 0 steps, got {self.restart_after}")
+        for name in ("timeout_s", "heartbeat_timeout_s", "quorum_timeout_s", "lr", "schedule_hours", "bucket_mb",
+                     "max_wall_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(name, f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("clip", "weight_decay"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(name, f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError("min_lr_ratio", f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError("betas", f"betas must be two numbers in [0, 1), got {self.betas}")
         if self.failures is not None and not self.failures.startswith("schedule:"):
-            raise ValueError(f"failures must look like schedule:low|mid|high|FILE, got {self.failures!r}")
+            raise ConfigError("failures", f"failures must look like schedule:low|mid|high|FILE, got {self.failures!r}")
 
     @property
     def resolved_policy(self) -> Policy:

@@ -168,6 +168,17 @@ def prepare_corpus(sources: list[str], *, cache_dir: str | Path | None = None, v
     return meta
 
 
+def check_length(corpus: CorpusFiles, seq_len: int) -> None:
+    """ValueError unless both splits hold a sequence of ``seq_len`` tokens and its next-token target (and
+    room for more than one start offset); the launcher checks it once, before any replica starts."""
+    itemsize = np.dtype(corpus.dtype).itemsize
+    for name, path in (("train", corpus.train), ("validation", corpus.val)):
+        tokens = os.path.getsize(path) // itemsize
+        if tokens < seq_len + 2:
+            raise ValueError(f"the {name} split of {corpus.description} has {tokens} tokens, fewer than "
+                             f"seq_len + 2 = {seq_len + 2}: use more data or a shorter --seq-len")
+
+
 class Batches:
     """Deterministic micro-batches: ``batch(step, shard)`` and ``val_batch(i)``.
 

@@ -170,6 +170,18 @@ class Injection:
         who = "any" if self.replica is None else str(self.replica)
         return f"{self.action}-{self.step}-{who}-{self.phase}"
 
+    @property
+    def trigger(self) -> str:
+        """When it fires, in words (said when it did not)."""
+        who = "any replica" if self.replica is None else f"replica {self.replica}"
+        return {
+            "step": f"it fires when {who} starts step {self.step} or a later one",
+            "quorum": f"it fires only when a new quorum (a change of membership) that holds {who} forms at or "
+                      f"after step {self.step}",
+            "allreduce": f"it fires at {who}'s gradient all-reduce of step {self.step} or a later one",
+            "send": f"it fires only while {who} sends its state to a rejoining replica at or after step {self.step}",
+        }[self.phase]
+
 
 def parse_injection(spec: str, replicas: int) -> Injection:
     m = _INJECTION.match(spec.strip())
@@ -226,6 +238,17 @@ class Injector:
         os.write(fd, json.dumps(record).encode())
         os.close(fd)
         return True
+
+
+def unfired_injections(specs: list[str], replicas: int, run_dir: str | Path) -> list[str]:
+    """The ``--inject`` specs that never fired in ``run_dir``, each with when it would have."""
+    directory = injections_dir(run_dir)
+    out = []
+    for spec in specs:
+        injection = parse_injection(spec, replicas)
+        if not (directory / injection.key).is_file():
+            out.append(f"{spec} never fired: {injection.trigger}")
+    return out
 
 
 def fired_injections(run_dir: str | Path) -> list[dict]:

@@ -36,6 +36,8 @@ from torchft.checkpointing.pg_transport import PGTransport  # noqa: E402
 from torchft.coordination import LighthouseServer  # noqa: E402
 from torchft.process_group import ProcessGroupGloo  # noqa: E402
 
+from .fencing import CommitLedger  # noqa: E402
+
 LOOPBACK = "127.0.0.1"
 
 
@@ -159,14 +161,18 @@ class Membership:
         timeout_s: collectives, commit and state transfer; quorum_timeout_s: waiting for a quorum.
         on_quorum / on_send: failure-injection hooks (after a new quorum is returned, before the
             process group is rebuilt; after the n-th message of a state transfer). None in normal runs.
+        ledger: the job's commit ledger (:mod:`mecefo.fencing`); with one, a commit first claims
+            its step for this quorum and :meth:`check_current` refuses a quorum that is behind.
+            None: no fencing (a replica used outside the launcher).
     """
 
     def __init__(self, *, replica: int, lighthouse: str, state_dict: Callable[[], dict],
                  load_state_dict: Callable[[dict], None], min_replicas: int, timeout_s: float,
                  quorum_timeout_s: float, on_quorum: Callable[[], None] | None = None,
-                 on_send: Callable[[int], None] | None = None):
+                 on_send: Callable[[int], None] | None = None, ledger: CommitLedger | None = None):
         timeout = timedelta(seconds=timeout_s)
         self.replica = replica
+        self.ledger = ledger
         self.store = LoopbackStore()
         self.pg = LiveSetGloo(timeout=timeout)
         transport_pg = _SendHookGroup(self.pg, on_send) if on_send else self.pg
@@ -228,9 +234,24 @@ class Membership:
         """
         self.pg.abort()
 
+    def check_current(self) -> None:
+        """Fencing rule 1 after the quorum: :class:`~mecefo.fencing.Fenced` if this quorum's step was
+        already committed by another quorum (this replica is behind and nobody healed it)."""
+        if self.ledger is not None:
+            self.ledger.check_behind(self.step, self.quorum_id)
+
     def commit(self) -> bool:
-        """torchft's should_commit: True if this step's update may be applied (the step count advances)."""
-        return self.manager.should_commit()
+        """torchft's should_commit: True if this step's update may be applied (the step count advances).
+
+        With a ledger, a step torchft lets commit is first claimed for this quorum (fencing rule 2);
+        :class:`~mecefo.fencing.Fenced` if another quorum committed it, and nothing may be applied.
+        """
+        step = self.step
+        if not self.manager.should_commit():
+            return False
+        if self.ledger is not None:
+            self.ledger.claim(step, self.quorum_id)
+        return True
 
     def load_manager_state(self, state: dict) -> None:
         self.manager.load_state_dict(state)

@@ -14,6 +14,12 @@ Every step:
    discarded and replayed with the new quorum (batches are a function of the step, so the
    replay sees the same data). A step is thus never applied twice nor lost;
 6. metrics, and periodically a checkpoint (written by the lowest live replica) and evaluation.
+
+Fencing (:mod:`mecefo.fencing`): after the quorum, a replica whose step the job already committed
+is behind with nobody to heal from, and every commit claims its step for its quorum in the job's
+ledger first; a replica that fails either rule applies nothing, writes nothing and exits with
+FENCED_EXIT_CODE. Exit codes: 0 the job's last step is committed; RESTART_EXIT_CODE (policy
+restart); FENCED_EXIT_CODE; anything else is a crash.
 """
 
 from __future__ import annotations
@@ -24,7 +30,6 @@ import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -34,6 +39,7 @@ from .config import HASH_STATE_MAX_PARAMS, TrainConfig
 from .data import Batches, CorpusFiles
 from .failures import Injector, load_schedule, parse_injection
 from .costs import WorkCosts, neighbour_flop_ratio
+from .fencing import FENCED_EXIT_CODE, ROOT_LINEAGE, CommitLedger, Fenced, next_lineage
 from .membership import plan_step
 from .model import build_model, evaluate, optimizer_hash, parameter_hash, replica_device, run_work
 from .neighbor import neighbor_path, refresh_due
@@ -92,7 +98,8 @@ class Replica:
         self.bases_step: int | None = None
         self.episode_open = False
         self.healed = False
-        self.rejoin = rejoin
+        self.generation = generation
+        self.lineage = ROOT_LINEAGE  # of the training state: extended by every commit (mecefo.fencing)
         self.dropped = 0  # sequences dropped at the last committed step (warn on change)
 
         self.membership = Membership(
@@ -100,7 +107,8 @@ class Replica:
             load_state_dict=self.load_state_dict, min_replicas=cfg.min_replicas, timeout_s=cfg.timeout_s,
             quorum_timeout_s=cfg.quorum_timeout_s,
             on_quorum=(lambda: self.injector.fire("quorum", self.membership.step)) if self._has("quorum") else None,
-            on_send=self._on_send if self._has("send") else None)
+            on_send=self._on_send if self._has("send") else None,
+            ledger=CommitLedger(connect_store(barrier, cfg.quorum_timeout_s), generation) if barrier else None)
         if resume:
             self._resume()
         self.metrics.write(event="start", replica=replica, pid=os.getpid(), generation=generation, rejoin=rejoin,
@@ -117,7 +125,7 @@ class Replica:
                 "bases": self.path.bases_state(self.model) if has_bases else {},
                 "trainer": {"step": step, "data_position": step, "lr": lr_at(step, self.cfg),
                             "corpus": self.corpus.fingerprint, "bases_step": self.bases_step if has_bases else -1,
-                            "episode_open": self.episode_open}}
+                            "episode_open": self.episode_open, "lineage": self.lineage}}
 
     def load_state_dict(self, state: dict) -> None:
         trainer = state["trainer"]
@@ -126,6 +134,7 @@ class Replica:
                                f"but this replica has corpus {self.corpus.fingerprint[:12]}")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.lineage = trainer.get("lineage", ROOT_LINEAGE)
         bases, bases_step = state.get("bases") or {}, trainer.get("bases_step", -1)
         if bases and bases_step >= 0:
             self.path.load_bases(self.model, bases)
@@ -146,7 +155,7 @@ class Replica:
         self.membership.load_manager_state(state["manager"])
         self.healed = False
         self.metrics.write(event="resumed", replica=self.replica, step=self.membership.step, path=str(path),
-                           seconds=time.perf_counter() - t0)
+                           lineage=self.lineage, seconds=time.perf_counter() - t0)
 
     def _warn(self, message: str) -> None:
         print(f"[replica {self.replica}] WARNING: {message}", file=sys.stderr, flush=True)
@@ -188,20 +197,16 @@ class Replica:
             timing = dict(quorum_s=time.perf_counter() - t0, quorum_end=time.time())
             step = self.membership.step
             if self.healed:
-                self.rejoin = False
                 self.metrics.write(event="healed", replica=self.replica, step=step, seconds=timing["quorum_s"])
             if step >= self.cfg.steps:
                 break
-            if self.rejoin and not self.healed and self.membership.members == (self.replica,):
-                print(f"[replica {self.replica}] restarted, but no live replica is left to rejoin: exiting",
-                      flush=True)
-                return 0
             attempts += 1
             if self.membership.errored():  # the quorum or the healing failed: no step, straight to the commit
                 self.membership.abort()
                 self.membership.commit()
                 self._discard(step, timing["quorum_s"])
                 continue
+            self.membership.check_current()  # fencing: a replica behind and unhealed stops here
             self.injector.fire("step", step)
             if self.policy.restart and self._scheduled_restart(step):
                 return RESTART_EXIT_CODE
@@ -211,7 +216,9 @@ class Replica:
                 continue
             now = time.perf_counter()
             step_s, last_commit = now - last_commit, now
-            record.update(timing, step_s=step_s, tokens_per_s=record["tokens"] / step_s, attempts=attempts)
+            self.lineage = next_lineage(self.lineage, step, self.generation, record["quorum_id"])
+            record.update(timing, step_s=step_s, tokens_per_s=record["tokens"] / step_s, attempts=attempts,
+                          generation=self.generation, lineage=self.lineage)
             if self.hash_state:
                 record.update(param_hash=parameter_hash(self.model), optim_hash=optimizer_hash(self.optimizer))
             self.metrics.write(**record)
@@ -302,13 +309,17 @@ class Replica:
         return False
 
     def _after_commit(self, done: int, writer: int) -> None:
+        """The writer (the lowest member of the step's quorum) checkpoints and evaluates."""
         cfg = self.cfg
         if self.replica != writer:
             return
         if done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
             state = self.state_dict()
             state["manager"] = self.membership.manager_state()
-            saved = ckpt.save_checkpoint(self.run_dir / CHECKPOINT_DIR, done, state)
+            try:
+                saved = ckpt.save_checkpoint(self.run_dir / CHECKPOINT_DIR, done, state, lineage=self.lineage)
+            except ckpt.StaleCheckpointError as e:
+                raise Fenced(done, str(e)) from None
             ckpt.prune_checkpoints(self.run_dir / CHECKPOINT_DIR, cfg.keep_checkpoints)
             self.metrics.write(event="checkpoint", replica=self.replica, step=done, path=str(saved.path),
                                bytes=saved.nbytes, seconds=saved.seconds)
@@ -320,6 +331,11 @@ class Replica:
         val = evaluate(self.model, self.batches, self.cfg.eval_batches)
         self.metrics.write(event="eval", replica=self.replica, step=done, val_loss=val,
                            val_ppl=float(torch.tensor(val).exp()), seconds=time.perf_counter() - t0)
+
+    def report_fenced(self, fenced: Fenced) -> None:
+        self._warn(f"fenced at step {fenced.step}, exiting without applying or writing anything: {fenced.reason}")
+        self.metrics.write(event="fenced", replica=self.replica, step=fenced.step, reason=fenced.reason,
+                           generation=self.generation)
 
     def shutdown(self) -> None:
         self.membership.shutdown()
@@ -341,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--replica", type=int, required=True)
     parser.add_argument("--lighthouse", required=True)
-    parser.add_argument("--barrier", help="launch barrier store (HOST:PORT)")
+    parser.add_argument("--barrier", help="the job's store (HOST:PORT): launch barrier and commit ledger")
     parser.add_argument("--generation", type=int, default=0)
     parser.add_argument("--rejoin", action="store_true", help="a restarted replica: heal from the live ones")
     parser.add_argument("--resume", action="store_true", help="start from the newest valid checkpoint")
@@ -357,6 +373,9 @@ def main(argv: list[str] | None = None) -> int:
                       restart_consumed=args.restart_consumed)
     try:
         return replica.run()
+    except Fenced as e:
+        replica.report_fenced(e)
+        return FENCED_EXIT_CODE
     finally:
         replica.shutdown()
 

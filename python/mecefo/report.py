@@ -2,10 +2,17 @@
 
 Each replica appends one JSON object per line to ``RUN_DIR/metrics/replica_<i>.jsonl``: one per
 committed step (loss, tokens/s, timings, live set, neighbours, dropped shards, policy, state
-hashes) and events (``start``, ``healed``, ``discarded``, ``checkpoint``, ``resumed``, ``eval``,
-``warning``, ``restart_requested``). The supervisor writes ``RUN_DIR/events.jsonl`` (process
-spawns, exits, restarts, hang wake-ups). :func:`summarize` turns all of it into the numbers the
-benchmarks need (step times, detection, heal and restart costs) and :func:`plot` into a PNG.
+hashes, launch generation and lineage) and events (``start``, ``healed``, ``discarded``,
+``checkpoint``, ``resumed``, ``eval``, ``warning``, ``fenced``, ``restart_requested``). The
+supervisor writes ``RUN_DIR/events.jsonl`` (launches, process spawns, exits, restarts, hang
+wake-ups). :func:`summarize` turns all of it into the numbers the benchmarks need (step times,
+detection, heal and restart costs) and :func:`plot` into a PNG.
+
+The files are append-only across job restarts and ``--resume``: a step redone after a relaunch
+from a checkpoint is in them twice, under two generations. :func:`step_series` (the loss curve,
+the summary's training numbers) keeps, per step, the records of the newest generation that
+committed it: the job's final lineage. The summary's event counts (checkpoints, heals, ...)
+cover the current launch only (since the newest ``launch`` record in ``events.jsonl``).
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from .failures import fired_injections
+from .failures import fired_injections, unfired_injections
 
 METRICS_DIR = "metrics"
 EVENTS_FILE = "events.jsonl"
@@ -73,9 +80,24 @@ def committed_steps(records: list[dict]) -> dict[int, list[dict]]:
     return dict(sorted(steps.items()))
 
 
+def final_lineage(records: list[dict]) -> dict[int, list[dict]]:
+    """step -> the committed-step records of the newest launch generation that committed it (a relaunch
+    from a checkpoint redoes the steps after it: those of older generations were abandoned)."""
+    out = {}
+    for step, rs in committed_steps(records).items():
+        newest = max(r.get("generation", 0) for r in rs)
+        out[step] = [r for r in rs if r.get("generation", 0) == newest]
+    return out
+
+
 def step_series(records: list[dict]) -> list[dict]:
-    """One record per committed step (the lowest replica's; they agree on loss and plan)."""
-    return [min(rs, key=lambda r: r["replica"]) for rs in committed_steps(records).values()]
+    """One record per committed step of the final lineage (the lowest replica's; they agree on loss and plan)."""
+    return [min(rs, key=lambda r: r["replica"]) for rs in final_lineage(records).values()]
+
+
+def launch_start(events: list[dict]) -> float:
+    """When the current launch of a run directory began (0 if the run has no launch record)."""
+    return max((e["time"] for e in events if e.get("event") == "launch"), default=0.0)
 
 
 def failure_spans(series: list[dict], replicas: int) -> list[tuple[int, int]]:
@@ -124,10 +146,14 @@ def summarize(run_dir: str | Path) -> dict:
     records = read_metrics(run_dir)
     events = read_jsonl(run_dir / EVENTS_FILE)
     series = step_series(records)
+    redone = sum(1 for rs in committed_steps(records).values() if len({r.get("generation", 0) for r in rs}) > 1)
+    since = launch_start(events)
+    events = [e for e in events if e.get("time", since) >= since]
     events_of = defaultdict(list)
     for r in records:
-        if "event" in r:
+        if "event" in r and r.get("time", since) >= since:
             events_of[r["event"]].append(r)
+    warnings = list(dict.fromkeys(r["message"] for r in events_of["warning"]))
 
     normal = [r for r in series if len(r["live"]) == replicas]
     failing = [r for r in series if len(r["live"]) < replicas]
@@ -151,8 +177,9 @@ def summarize(run_dir: str | Path) -> dict:
     spawns = [e for e in events if e.get("event") == "spawn" and e.get("rejoin")]
     rejoin = []
     for e in spawns:
-        first = [r["time"] for r in records
-                 if "event" not in r and r["replica"] == e["replica"] and r["time"] > e["time"]]
+        first = [r["time"] for r in records  # of this process: a relaunch (another generation) is not a rejoin
+                 if "event" not in r and r["replica"] == e["replica"] and r["time"] > e["time"]
+                 and r.get("generation", 0) == e.get("generation", 0)]
         if first:
             rejoin.append(min(first) - e["time"])
     job_restarts = []
@@ -195,6 +222,10 @@ def summarize(run_dir: str | Path) -> dict:
         "checkpoint_save_s_mean": _mean(r["seconds"] for r in events_of["checkpoint"]),
         "checkpoint_load_s_mean": _mean(r["seconds"] for r in events_of["resumed"]),
         "replica_init_s_mean": _mean(r["init_s"] for r in events_of["start"]),
+        "steps_redone": redone,
+        "fenced": [{"replica": r["replica"], "step": r["step"]} for r in events_of["fenced"]],
+        "injections_not_fired": unfired_injections(config["inject"], replicas, run_dir),
+        "warnings": warnings,
     }
     return out
 
@@ -210,7 +241,10 @@ def _fmt(value, unit: str = "", digits: int = 3) -> str:
 
 
 def format_summary(s: dict) -> str:
-    rows = [
+    rows = []
+    if "complete" in s:  # written by the launcher: how the run ended
+        rows.append(("run", "complete" if s["complete"] else f"INCOMPLETE: {s['end']}"))
+    rows += [
         ("policy", s["policy"]),
         ("replicas", s["replicas"]),
         ("steps", f"{s['steps_done']} / {s['steps_planned']}"),
@@ -224,12 +258,17 @@ def format_summary(s: dict) -> str:
         ("steps with dropped shards", s["steps_with_dropped_shards"]),
         ("train loss first -> last 10", f"{_fmt(s['first_loss'], '', 4)} -> {_fmt(s['final_loss'], '', 4)}"),
         ("validation loss (ppl)", f"{_fmt(s['val_loss'], '', 4)} ({_fmt(s['val_ppl'], '', 4)})"),
-        ("kills / hangs injected", f"{s['kills']} / {s['hangs']}"),
+        ("kills / hangs injected", f"{s['kills']} / {s['hangs']}"
+                                   + (f" ({len(s['injections_not_fired'])} never fired)" if s["injections_not_fired"]
+                                      else "")),
         ("discarded step attempts", s["discarded_attempts"]),
         ("detect dead replica (kill -> quorum without it)", _fmt(s["detect_s_mean"], " s")),
         ("heals (mean state transfer + quorum)", f"{s['heals']} ({_fmt(s['heal_s_mean'], ' s')})"),
         ("restart -> first step of rejoined replica", _fmt(s["rejoin_s_mean"], " s")),
         ("job restarts (mean cost)", f"{s['job_restarts']} ({_fmt(s['job_restart_s_mean'], ' s')})"),
+        ("steps redone after a relaunch", s["steps_redone"]),
+        ("replicas fenced (behind the job)", ", ".join(f"{f['replica']} at step {f['step']}" for f in s["fenced"])
+         or "-"),
         ("checkpoints (mean save / load)", f"{s['checkpoints']} ({_fmt(s['checkpoint_save_s_mean'], ' s')} / "
                                            f"{_fmt(s['checkpoint_load_s_mean'], ' s')})"),
     ]

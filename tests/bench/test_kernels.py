@@ -28,12 +28,13 @@ OPS = ("swiglu_ffn", "swiglu", "lowrank_linear", "residual_skip")
 @pytest.fixture(scope="module")
 def rows(tmp_path_factory):
     """One short run of every op. torch.compile is replaced by the identity: compiling the compiled-eager
-    providers costs tens of seconds on CPU and is torch's code, not ours."""
+    providers costs tens of seconds on CPU and is torch's code, not ours. Fractions of the ceilings are
+    taken whatever the timings' spread (--max-spread inf): this checks the arithmetic, not a speed."""
     path = tmp_path_factory.mktemp("kernels") / "results.csv"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch, "compile", lambda fn, **kwargs: fn)
         assert kernels.main(["--presets", "tiny", "--tokens", str(TOKENS), "--rep-ms", "1", "--modes", "bwd",
-                             "--ops", *OPS, "--csv", str(path)]) == 0
+                             "--ops", *OPS, "--max-spread", "inf", "--csv", str(path)]) == 0
     with path.open(newline="") as f:
         return list(csv.DictReader(f))
 
@@ -109,3 +110,25 @@ def test_residual_skip_saves_nothing_and_runs_no_attention_backward(rows):
                 and r["provider"] == "mecefo-residual_skip"]
     assert num(pick(rows, benchmark="kernels/residual_skip", provider="eager", metric="saved_activations")) > 0
 
+
+
+def test_a_fraction_of_the_ceiling_needs_steady_timings(tmp_path, capsys):
+    """An op whose calls take 1 ms or 6 ms in turn: its rate is recorded, its fraction of the ceiling
+    (timed at another moment) is not, and the printout says why."""
+    import time
+
+    from records import Recorder
+    from timing import Ceilings
+
+    calls = []
+
+    def unsteady():
+        calls.append(None)
+        time.sleep(0.001 if len(calls) % 2 else 0.006)
+
+    case = kernels.Case("swiglu", "fake", "T=1", lambda mode: unsteady, bytes_moved=lambda mode: 1e6, modes=("fwd",))
+    recorder = Recorder(torch.device("cpu"), path=tmp_path / "results.csv")
+    kernels.run_case(case, "tiny:T=1", ["fwd"], torch.device("cpu"), recorder, 40, Ceilings(1.0, 10.0, spread=0.01))
+    metrics = {r["metric"] for r in recorder.rows}
+    assert "bandwidth" in metrics and "bandwidth_of_ceiling" not in metrics
+    assert "? spread" in capsys.readouterr().out

@@ -38,7 +38,7 @@ def test_flop_floor_matches_the_issue_anchors():
 def test_smoke_run_appends_rows(tmp_path):
     out = tmp_path / "results.csv"
     assert step.main(["--presets", "tiny", "--seq", "16", "--scopes", "block", "model", "--rep-ms", "5",
-                      "--rounds", "1", "--csv", str(out)]) == 0
+                      "--rounds", "1", "--reruns", "0", "--csv", str(out)]) == 0
     rows = list(csv.DictReader(out.open()))
     saved = {(r["benchmark"], r["mode"]): float(r["median"]) for r in rows if r["metric"] == "saved_activations_ratio"}
     assert set(saved) == {(f"step/{scope}", m) for scope in ("block", "model") for m in step.SCENARIOS}

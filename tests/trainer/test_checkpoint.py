@@ -1,10 +1,15 @@
-"""Atomic checkpoints: round trip, truncation and corruption detected with a clear message, fallback."""
+"""Atomic checkpoints: round trip, truncation and corruption detected with a clear message, fallback,
+and the lineage guard (a checkpoint is never replaced by another branch's)."""
+
+import hashlib
+import io
+import struct
 
 import pytest
 import torch
 
-from mecefo.checkpoint import (CheckpointCorruptError, checkpoint_path, list_checkpoints, load_latest,
-                               prune_checkpoints, read_checkpoint, save_checkpoint)
+from mecefo.checkpoint import (MAGIC_V1, CheckpointCorruptError, StaleCheckpointError, checkpoint_path,
+                               list_checkpoints, load_latest, prune_checkpoints, read_checkpoint, save_checkpoint)
 
 
 def state(step):
@@ -30,7 +35,7 @@ def test_truncated_checkpoint_is_detected(tmp_path):
                                                      r"payload bytes, the file holds \d+"):
         read_checkpoint(path)
     path.write_bytes(data[:20])
-    with pytest.raises(CheckpointCorruptError, match="is truncated: 20 bytes, shorter than its 48-byte header"):
+    with pytest.raises(CheckpointCorruptError, match="is truncated: 20 bytes, shorter than its 52-byte header"):
         read_checkpoint(path)
 
 
@@ -65,3 +70,33 @@ def test_prune_keeps_the_newest(tmp_path):
         save_checkpoint(tmp_path, step, state(step))
     prune_checkpoints(tmp_path, 2)
     assert [s for s, _ in list_checkpoints(tmp_path)] == [4, 3]
+
+
+def test_a_checkpoint_is_never_replaced_by_another_lineage(tmp_path):
+    save_checkpoint(tmp_path, 100, state(100), lineage="job")
+    save_checkpoint(tmp_path, 100, state(100), lineage="job")  # the same branch: rewriting is harmless
+    with pytest.raises(StaleCheckpointError, match="not replacing step_00000100.ckpt: it holds lineage job, this "
+                                                   "state is lineage stale"):
+        save_checkpoint(tmp_path, 100, state(100), lineage="stale")
+    with pytest.raises(StaleCheckpointError, match=r"step_00000100.ckpt \(step 100\) is newer and intact"):
+        save_checkpoint(tmp_path, 50, state(50), lineage="stale")
+    assert read_checkpoint(checkpoint_path(tmp_path, 100))["trainer"] == {"step": 100}
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [100]
+
+
+def test_a_corrupt_checkpoint_of_another_lineage_is_replaced(tmp_path):
+    """Resuming falls back past a corrupt newest checkpoint; the resumed run writes that step again."""
+    path = save_checkpoint(tmp_path, 30, state(30), lineage="before").path
+    path.write_bytes(path.read_bytes()[:-10])
+    save_checkpoint(tmp_path, 20, state(20), lineage="after")  # a corrupt newer file does not block
+    save_checkpoint(tmp_path, 30, state(30), lineage="after")
+    assert read_checkpoint(path)["trainer"] == {"step": 30}
+
+
+def test_first_format_checkpoints_are_still_read(tmp_path):
+    buf = io.BytesIO()
+    torch.save(state(5), buf)
+    payload = buf.getvalue()
+    path = checkpoint_path(tmp_path, 5)
+    path.write_bytes(struct.pack("<8s32sQ", MAGIC_V1, hashlib.sha256(payload).digest(), len(payload)) + payload)
+    assert read_checkpoint(path)["trainer"] == {"step": 5}

@@ -57,3 +57,55 @@ def test_a_run_directory_is_not_overwritten(tmp_path):
     (tmp_path / "metrics").mkdir()
     with pytest.raises(FileExistsError, match="already holds a run; pass --resume"):
         prepare_run_dir(TrainConfig(run_dir=str(tmp_path)))
+
+
+# ---------------------------------------------------------------------------- the command line
+
+@pytest.fixture
+def short_text(tmp_path):
+    path = tmp_path / "short.txt"
+    path.write_text("just a few bytes\n" * 3)
+    return path
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--steps", "-5"], "argument --steps: must be >= 1, got -5"),
+    (["--rank", "0"], "argument --rank: must be an int >= 1 or a fraction in (0, 1], got 0"),
+    (["--tau", "0"], "argument --tau: must be >= 1, got 0"),
+    (["--timeout", "0"], "argument --timeout: must be > 0, got 0.0"),
+    (["--steps", "x"], "argument --steps: invalid int value: 'x'"),
+    (["--inject", "kill@x:1"], "--inject 'kill@x:1': expected kill@STEP:REPLICA"),
+    (["--inject", "kill@3:7"], r"--inject 'kill@3:7': replica 7 is not in [0, 4)"),
+    (["--failures", "schedule:/nonexistent"], "argument --failures: failure schedule '/nonexistent' is neither"),
+    (["--data", "/nonexistent"], "--data '/nonexistent': no such file or directory"),
+    (["--resume"], "argument --resume: needs --run-dir naming the run to continue"),
+    (["--resume", "--run-dir", "{tmp}/absent"], "argument --resume: {tmp}/absent does not exist: nothing to resume"),
+    (["--run-dir", "{tmp}/short.txt"], "argument --run-dir: {tmp}/short.txt exists and is not a directory"),
+    (["--data", "{tmp}/short.txt", "--seq-len", "64"], "argument --data: the train split of 1 text file(s) under "
+                                                       "{tmp} (byte-level) has 49 tokens, fewer than seq_len + 2 = 66"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, short_text, capsys, monkeypatch, args, message):
+    """Issue 15, items 4-6: every rejected value is one line naming the option, before anything starts."""
+    from mecefo.launch import train_main
+
+    monkeypatch.chdir(tmp_path)  # the default --run-dir is runs/... here: nothing may be created
+
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    with pytest.raises(SystemExit) as exit_:
+        train_main([*args, "--cache-dir", str(tmp_path / "cache"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert err.startswith("mecefo-train: error: " + message.replace("{tmp}", str(tmp_path))), err
+    assert err.count("\n") == 1, err
+    assert not (tmp_path / "absent").exists() and not list(tmp_path.glob("runs*"))
+
+
+def test_a_schedule_file_error_names_the_option_and_the_line(tmp_path, capsys):
+    from mecefo.launch import train_main
+
+    schedule = tmp_path / "failures.txt"
+    schedule.write_text("0 1\n")
+    with pytest.raises(SystemExit):
+        train_main(["--failures", f"schedule:{schedule}", "--run-dir", str(tmp_path / "run"), "--no-progress"])
+    assert capsys.readouterr().err == (f"mecefo-train: error: argument --failures: {schedule}:1: expected 'REPLICA "
+                                       "START END' (integers), got '0 1'\n")

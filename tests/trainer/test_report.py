@@ -9,7 +9,7 @@ from mecefo.report import MetricsWriter, failure_spans, format_summary, metrics_
 def record(step, replica, live, step_s=0.5):
     return dict(step=step, replica=replica, live=live, members=live, loss=5.0 - 0.1 * step, tokens=100 * len(live),
                 step_s=step_s, tokens_per_s=100 * len(live) / step_s, compute_s=0.1, dropped=[], neighbours={},
-                quorum_end=1000.0 + step)
+                quorum_end=1000.0 + step, policy="shrink", plan="all live" if len(live) == 2 else "dead [1]; shrink")
 
 
 def test_summary_and_plot(tmp_path):
@@ -40,3 +40,25 @@ def test_summary_and_plot(tmp_path):
 def test_failure_spans():
     series = [{"step": s, "live": live} for s, live in enumerate([[0, 1], [0], [0], [0, 1], [1], [1]])]
     assert failure_spans(series, 2) == [(1, 3), (4, 6)]
+
+
+def test_a_relaunch_leaves_one_record_per_step_and_counts_its_own_events(tmp_path):
+    """Steps 2-3 committed in generation 0, then redone after a relaunch from checkpoint 2 in generation 1:
+    the series keeps generation 1's, steps_redone counts them, and events before the launch are not counted."""
+    from mecefo.report import step_series
+
+    TrainConfig(run_dir=str(tmp_path), replicas=2, steps=5).save(tmp_path / "config.json")
+    with open(tmp_path / "events.jsonl", "w") as f:
+        f.write(json.dumps({"event": "launch", "generation": 0, "time": 10.0}) + "\n")
+        f.write(json.dumps({"event": "launch", "generation": 1, "time": 20.0}) + "\n")
+    writer = MetricsWriter(metrics_path(tmp_path, 0))
+    writer.write(event="checkpoint", replica=0, step=2, seconds=0.1, time=11.0)
+    for generation, steps, t0 in ((0, range(0, 4), 12.0), (1, range(2, 5), 21.0)):
+        for step in steps:
+            writer.write(**record(step, 0, [0, 1]), generation=generation, loss_tag=generation, time=t0 + step)
+    writer.write(event="checkpoint", replica=0, step=5, seconds=0.1, time=30.0)
+    writer.close()
+    series = step_series(read_metrics(tmp_path))
+    assert [(r["step"], r["generation"]) for r in series] == [(0, 0), (1, 0), (2, 1), (3, 1), (4, 1)]
+    summary = summarize(tmp_path)
+    assert summary["steps_done"] == 5 and summary["steps_redone"] == 2 and summary["checkpoints"] == 1
