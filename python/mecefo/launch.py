@@ -497,30 +497,32 @@ class _OneLineErrors(argparse.ArgumentParser):
 def train_main(argv: list[str] | None = None) -> int:
     parser = _OneLineErrors(prog="mecefo-train", description="Fault-tolerant data-parallel LLaMA training "
                             "(Neighbor-Do-Both with MeCeFO) on torchft, CPU or GPU.")
-    add_train_arguments(parser, TrainConfig(run_dir=""))
+    cfg, progress = _parse_config(parser, TrainConfig(run_dir=""), argv)
+    if not cfg.run_dir:
+        cfg = replace(cfg, run_dir=_timestamped(cfg.resolved_policy.name))
+    return _run_and_print(parser, cfg, progress)
+
+
+def _parse_config(parser: _OneLineErrors, defaults: TrainConfig, argv: list[str] | None) -> tuple[TrainConfig, bool]:
+    """(the validated config, whether to show a progress bar); a bad value exits 2 with one line."""
+    add_train_arguments(parser, defaults)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.resume and not args.run_dir:
         parser.error("argument --resume: needs --run-dir naming the run to continue")
     try:
-        cfg = config_from_args(args)
+        return config_from_args(args), not args.no_progress
     except ValueError as e:
         parser.config_error(e)
-    if not cfg.run_dir:
-        cfg = replace(cfg, run_dir=_timestamped(cfg.resolved_policy.name))
-    return _run_and_print(parser, cfg, progress=not args.no_progress)
 
 
 def _run_and_print(parser: _OneLineErrors, cfg: TrainConfig, progress: bool) -> int:
     started = time.time()
     try:
-        prepare_run_dir(cfg)
-    except (ValueError, OSError) as e:
-        parser.config_error(e)
-    except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted before training started", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    try:
+        try:
+            prepare_run_dir(cfg)
+        except (ValueError, OSError) as e:
+            parser.config_error(e)
         supervisor = Supervisor(cfg, progress=progress, prog=parser.prog)
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted before training started", file=sys.stderr)
@@ -539,17 +541,9 @@ def demo_main(argv: list[str] | None = None) -> int:
         prog="mecefo-demo", description="MeCeFO demo: a lighthouse and 4 CPU replicas train a tiny LLaMA on the "
         "Python standard library's sources; replica 2 is SIGKILLed at step 100 and restarted 80 steps later, "
         "while its neighbour covers its shard.")
-    add_train_arguments(parser, DEMO)
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    if args.resume and not args.run_dir:
-        parser.error("argument --resume: needs --run-dir naming the run to continue")
-    try:
-        cfg = config_from_args(args)
-    except ValueError as e:
-        parser.config_error(e)
+    cfg, progress = _parse_config(parser, DEMO, argv)
     if not cfg.run_dir:
         cfg = replace(cfg, run_dir=_timestamped("demo"))
     print(f"mecefo-demo: {cfg.replicas} replicas, preset {cfg.preset}, policy {cfg.resolved_policy.name}, {cfg.steps} steps, "
           f"injected: {', '.join(cfg.inject) or 'nothing'}; output in {cfg.run_dir}", flush=True)
-    return _run_and_print(parser, cfg, progress=not args.no_progress)
+    return _run_and_print(parser, cfg, progress)
