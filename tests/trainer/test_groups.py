@@ -1,0 +1,222 @@
+"""Replica groups across "hosts": mecefo-lighthouse plus groups of 2 ranks started through torchrun.
+
+Every host is a distinct loopback address (127.0.0.K): the lighthouse, each group's servers and
+its torchrun master bind there. (torchrun's own store, on MASTER_PORT, listens on every interface:
+that is torchrun's doing, so each group gets its own free port.) Every process runs in its own
+process group and is killed in a finally block; every wait is bounded.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mecefo.config import TrainConfig
+from mecefo.failures import injections_dir
+from mecefo.report import read_jsonl, read_metrics
+from trainer_runs import FAST, check_replicas_agree, final_model, full_batch_reference, relative_difference, run
+
+pytestmark = pytest.mark.slow
+LIGHTHOUSE_HOST = "127.0.0.5"
+# the job's options, as mecefo.group takes them (FAST's, less what a group job sets itself)
+GROUP_OPTIONS = dict(preset="tiny", dtype="float64", seq_len=16, micro_batch=2, warmup=5, lr=1e-3,
+                     checkpoint_every=0, eval_batches=2, heartbeat_timeout=1.5, timeout=4.0, quorum_timeout=60.0)
+
+
+def _options(values: dict) -> list[str]:
+    return [a for k, v in values.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class Cluster:
+    """A lighthouse and replica groups on loopback addresses; :meth:`close` kills whatever is left."""
+
+    def __init__(self, tmp: Path, cache: Path):
+        self.tmp = tmp
+        self.cache = cache
+        self.procs: list[subprocess.Popen] = []
+        self.lighthouse = self.job_store = None
+
+    def start_lighthouse(self, timeout_s: float = 60.0) -> None:
+        out = open(self.tmp / "lighthouse.log", "w+")
+        proc = self._popen([sys.executable, "-m", "mecefo.lighthouse", "--bind", f"{LIGHTHOUSE_HOST}:0",
+                            "--heartbeat-timeout", "1.5"], out)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            text = (self.tmp / "lighthouse.log").read_text()
+            if "job-store" in text:
+                words = text.split()
+                self.lighthouse = words[words.index("lighthouse") + 1]
+                self.job_store = words[words.index("job-store") + 1]
+                return
+            assert proc.poll() is None, f"the lighthouse exited: {text}"
+            time.sleep(0.1)
+        raise AssertionError("the lighthouse did not start within 60 s")
+
+    def start_group(self, group: int, groups: int, run_dir: Path, *, nproc: int = 2, max_restarts: int = 0,
+                    extra: tuple[str, ...] = (), lighthouse: str | None = None, **options) -> subprocess.Popen:
+        host = f"127.0.0.{10 + group}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
+               "--master-addr", host, "--master-port", str(_free_port(host)), "--max-restarts", str(max_restarts),
+               "--monitor-interval", "0.2", "-m", "mecefo.group", "--lighthouse", lighthouse or self.lighthouse,
+               "--group", str(group), "--groups", str(groups), "--run-dir", str(run_dir),
+               "--cache-dir", str(self.cache), *_options({**GROUP_OPTIONS, **options}), *extra]
+        log_path = self.tmp / f"group_{group}_{len(self.procs)}.log"
+        proc = self._popen(cmd, open(log_path, "w"))
+        proc.log_path = log_path
+        return proc
+
+    def _popen(self, cmd: list[str], out) -> subprocess.Popen:
+        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def wait(self, proc: subprocess.Popen, timeout_s: float) -> int:
+        try:
+            return proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{proc.args[:8]} still running after {timeout_s} s; logs in {self.tmp}") from None
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            proc.wait(timeout=10)
+
+
+@pytest.fixture
+def cluster(tmp_path, corpus_cache):
+    c = Cluster(tmp_path, corpus_cache)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def rank_records(run_dir: Path) -> list[dict]:
+    """Committed-step records of the groups' ranks other than 0 (metrics/ranks/)."""
+    return [r for path in sorted((run_dir / "metrics" / "ranks").glob("*.jsonl")) for r in read_jsonl(path)
+            if "event" not in r]
+
+
+def check_ranks_agree_with_groups(run_dir: Path, series: list[dict]) -> None:
+    """Every other rank's state equals its group's rank 0's (and so every group's) at each step it committed."""
+    by_step = {r["step"]: r["param_hash"] for r in series}
+    ranks = rank_records(run_dir)
+    assert ranks, "ranks other than 0 wrote records"
+    for r in ranks:
+        assert r["param_hash"] == by_step[r["step"]], f"group {r['replica']} rank {r['group_rank']} step {r['step']}"
+
+
+def group_job_as_replicas(run_dir: Path, ranks_per_group: int) -> Path:
+    """A copy of a group run's config and corpus description as the single-rank job with one replica per
+    rank: the data a group job trains on (mecefo.ranks), for the full-batch reference."""
+    cfg = TrainConfig.load(run_dir / "config.json")
+    ref = run_dir.parent / f"{run_dir.name}-as-replicas"
+    ref.mkdir()
+    TrainConfig(**{**json.loads(cfg.to_json()), "replicas": cfg.replicas * ranks_per_group}).save(ref / "config.json")
+    (ref / "corpus.json").write_text((run_dir / "corpus.json").read_text())
+    return ref
+
+
+def test_a_killed_rank_fails_its_group_whose_shard_is_taken_over_and_which_heals(tmp_path, cluster):
+    """3 groups of 2 ranks; rank 1 of group 1 is SIGKILLed at step 6: group 1 is dropped, group 2 runs its
+    shard exactly (ndb-exact), torchrun restarts group 1, it heals from a live group and trains on. Every
+    committed step is the same on every rank of every group, and the result is full-batch training."""
+    cluster.start_lighthouse()
+    run_dir = tmp_path / "run"
+    steps = 150
+    groups = [cluster.start_group(g, 3, run_dir, max_restarts=1, steps=steps, policy="ndb-exact",
+                                  extra=("--inject", "kill@6:1") if g == 1 else ())
+              for g in range(3)]
+    for proc in groups:
+        assert cluster.wait(proc, 200) == 0, f"a group failed; logs in {tmp_path}"
+
+    series = check_replicas_agree(run_dir, steps)
+    check_ranks_agree_with_groups(run_dir, series)
+    fired = json.loads((injections_dir(run_dir) / "kill-6-1-step").read_text())
+    rank_1_pids = {r["pid"] for r in read_jsonl(run_dir / "metrics" / "ranks" / "replica_1_rank_1.jsonl")
+                   if r.get("event") == "start"}
+    assert fired["replica"] == 1 and fired["step"] == 6 and fired["pid"] in rank_1_pids, "group 1's rank 1 died"
+    covered = [r for r in series if r["neighbours"]]
+    assert covered and covered[0]["step"] == 6 and all(r["neighbours"] == {"1": 2} for r in covered)
+    back = covered[-1]["step"] + 1
+    assert back < steps - 5 and all(r["live"] == [0, 1, 2] for r in series[back:]), "group 1 came back"
+    records = read_metrics(run_dir)
+    assert any(r.get("event") == "healed" and r["replica"] == 1 for r in records)
+    assert sum(r.get("event") == "start" and r["replica"] == 1 for r in records) == 2, "group 1 restarted once"
+
+    reference = full_batch_reference(group_job_as_replicas(run_dir, 2))
+    assert relative_difference(final_model(run_dir), reference.state) < 1e-12
+
+
+def test_two_groups_of_two_ranks_match_four_single_rank_replicas(tmp_path, cluster, corpus_cache):
+    """Without failures, 2 groups x 2 ranks train on what 4 single-rank replicas train on (rank r of group
+    g: replica 2g + r's data) and end where they end, up to the order of the gradient sums."""
+    cluster.start_lighthouse()
+    run_dir = tmp_path / "groups"
+    steps = 12
+    groups = [cluster.start_group(g, 2, run_dir, steps=steps, policy="mecefo") for g in range(2)]
+    for proc in groups:
+        assert cluster.wait(proc, 150) == 0, f"a group failed; logs in {tmp_path}"
+    series = check_replicas_agree(run_dir, steps)
+    check_ranks_agree_with_groups(run_dir, series)
+
+    single = TrainConfig(run_dir=str(tmp_path / "single"), cache_dir=str(corpus_cache),
+                         **{**FAST, "replicas": 4, "steps": steps, "policy": "mecefo"})
+    run(single)
+    assert relative_difference(final_model(run_dir), final_model(single.run_path)) < 1e-12
+    ours = [r["loss"] for r in series]
+    theirs = [r["loss"] for r in check_replicas_agree(single.run_path, steps)]
+    assert max(abs(a - b) for a, b in zip(ours, theirs)) < 1e-12
+
+
+def _group_error(cluster: Cluster, proc: subprocess.Popen, timeout_s: float = 90) -> str:
+    """The one-line error of a group that must refuse to start (exit status 2 of its ranks)."""
+    assert cluster.wait(proc, timeout_s) != 0
+    text = proc.log_path.read_text()
+    lines = [line for line in text.splitlines() if line.startswith("mecefo-group: error:")]
+    assert lines, text[-3000:]
+    return lines[0]
+
+
+def test_bad_group_configurations_are_one_line_errors(tmp_path, cluster):
+    """An unreachable lighthouse (bounded wait, the address named), a second group with a taken index,
+    a group with another model and ranks per group than the job's: each refused in one line."""
+    dead = f"{LIGHTHOUSE_HOST}:{_free_port(LIGHTHOUSE_HOST)}"
+    started = time.monotonic()
+    line = _group_error(cluster, cluster.start_group(0, 2, tmp_path / "nowhere", lighthouse=dead,
+                                                     extra=("--connect-timeout", "2")))
+    assert f"cannot reach the lighthouse at {dead} within 2 s" in line and "--lighthouse" in line
+    assert time.monotonic() - started < 60
+
+    cluster.start_lighthouse()
+    run_dir = tmp_path / "run"
+    first = cluster.start_group(0, 2, run_dir, steps=400)  # waits at the launch barrier for group 1
+    deadline = time.monotonic() + 90
+    while not (run_dir / "metrics" / "replica_0.jsonl").is_file():  # admitted: holds group 0
+        assert time.monotonic() < deadline and first.poll() is None, "group 0 did not start"
+        time.sleep(0.2)
+    line = _group_error(cluster, cluster.start_group(0, 2, tmp_path / "twin", steps=400))
+    assert "group 0 is already running" in line and "--group 0" in line
+
+    line = _group_error(cluster, cluster.start_group(1, 2, tmp_path / "other", steps=400, preset="small", nproc=1))
+    assert "group 1 does not match the job" in line
+    assert "preset 'small' here, 'tiny' in the job (--preset)" in line
+    assert "ranks_per_group 1 here, 2 in the job (--nproc-per-node / WORLD_SIZE)" in line
+    assert first.poll() is None, "the job's group is not disturbed"
