@@ -11,7 +11,7 @@
 # Settings (environment):
 #   LIGHTHOUSE   HOST:PORT of the lighthouse, on the cluster's private network (required;
 #                the lighthouse and the job store on PORT+1 are unauthenticated)
-#   GROUPS       replica groups in the job (default 4)
+#   NUM_GROUPS   replica groups in the job (default 4)
 #   NPROC        ranks per group (default 2)
 #   HOST_ADDR    this host's private address: what the group binds and advertises
 #                (default: the first address `hostname -I` prints)
@@ -24,7 +24,7 @@ set -euo pipefail
 
 role=${1:?usage: $0 lighthouse | group INDEX}
 : "${LIGHTHOUSE:?set LIGHTHOUSE=HOST:PORT (the lighthouse host private address)}"
-GROUPS=${GROUPS:-4}
+NUM_GROUPS=${NUM_GROUPS:-4}
 NPROC=${NPROC:-2}
 HOST_ADDR=${HOST_ADDR:-$(hostname -I | awk '{print $1}')}
 MASTER_PORT=${MASTER_PORT:-29400}
@@ -41,7 +41,7 @@ case "$role" in
     # shellcheck disable=SC2086  # TRAIN_ARGS is a list of options
     exec python -m torch.distributed.run --nnodes 1 --nproc-per-node "$NPROC" \
       --master-addr "$HOST_ADDR" --master-port "$MASTER_PORT" --max-restarts "$MAX_RESTARTS" \
-      -m mecefo.group --lighthouse "$LIGHTHOUSE" --group "$group" --groups "$GROUPS" \
+      -m mecefo.group --lighthouse "$LIGHTHOUSE" --group "$group" --groups "$NUM_GROUPS" \
       --advertise "$HOST_ADDR" --run-dir "$RUN_DIR" $TRAIN_ARGS
     ;;
   *)

@@ -31,7 +31,6 @@ restarted as a whole: torchrun ``--max-restarts`` does it); 2 bad configuration;
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import json
 import os
@@ -43,10 +42,10 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .cli import EXIT_USAGE, OneLineErrors
 from .config import TrainConfig, add_train_arguments, config_from_args
 
 EXIT_GROUP_FAILED = 1  # a rank of this group is gone: restart the whole group
-EXIT_USAGE = 2
 # TrainConfig fields a group may set for itself: where it writes, its threads, how it is supervised
 LOCAL_FIELDS = frozenset({"run_dir", "cache_dir", "data", "threads", "resume", "max_wall_s", "inject",
                           "restart_after", "max_restarts", "hash_state"})
@@ -227,10 +226,8 @@ def prepare_group_run_dir(cfg: TrainConfig):
     return corpus
 
 
-def _parser() -> argparse.ArgumentParser:
-    from .launch import _OneLineErrors
-
-    parser = _OneLineErrors(prog="mecefo-group", description=__doc__.splitlines()[0])
+def _parser() -> OneLineErrors:
+    parser = OneLineErrors(prog="mecefo-group", description=__doc__.splitlines()[0])
     g = parser.add_argument_group("replica group")
     g.add_argument("--lighthouse", required=True, metavar="HOST:PORT", help="mecefo-lighthouse's address")
     g.add_argument("--job-store", metavar="HOST:PORT", help="the job store (default: the lighthouse's port + 1)")

@@ -15,11 +15,12 @@ bind is loopback; on a cluster bind the cluster's private interface, never a pub
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import sys
 import threading
+
+from .cli import OneLineErrors
 
 os.environ.setdefault("RUST_LOG", "warn")  # torchft's Rust servers log every quorum at info
 
@@ -36,7 +37,7 @@ def job_store_address(lighthouse: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mecefo-lighthouse", description=__doc__.splitlines()[0])
+    parser = OneLineErrors(prog="mecefo-lighthouse", description=__doc__.splitlines()[0])
     parser.add_argument("--bind", default=DEFAULT_BIND, metavar="HOST:PORT",
                         help="where the lighthouse listens (default %(default)s; unauthenticated: bind the "
                              "cluster's private interface)")
