@@ -259,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)
     except ValueError as e:
         parser.config_error(e)
+    if cfg.resolved_policy.restart:
+        parser.error("argument --policy: restart (checkpoint-restart of the whole job) needs the single-host "
+                     "launcher, mecefo-train; a group job restarts groups, not the job")
     try:
         place = rank_place()
     except ValueError as e:

@@ -102,6 +102,8 @@ def test_group_and_lighthouse_commands_refuse_bad_input_in_one_line(monkeypatch,
          "argument --replicas: a group job has --groups replicas"),
         (main, ["--lighthouse", "127.0.0.1:1", "--group", "0", "--groups", "2", "--steps", "0"],
          "argument --steps: must be >= 1, got 0"),
+        (main, ["--lighthouse", "127.0.0.1:1", "--group", "0", "--groups", "2", "--policy", "restart"],
+         "argument --policy: restart (checkpoint-restart of the whole job) needs the single-host launcher"),
         (lighthouse_main, ["--bind", "nowhere"], "--bind must be HOST:PORT, got 'nowhere'"),
         (lighthouse_main, ["--min-replicas", "0"], "argument --min-replicas: must be >= 1, got 0"),
     ]
