@@ -129,11 +129,12 @@ def rank_records(run_dir: Path) -> list[dict]:
 
 def check_ranks_agree_with_groups(run_dir: Path, series: list[dict]) -> None:
     """Every other rank's state equals its group's rank 0's (and so every group's) at each step it committed."""
-    by_step = {r["step"]: r["param_hash"] for r in series}
+    by_step = {r["step"]: (r["param_hash"], r["optim_hash"]) for r in series}
     ranks = rank_records(run_dir)
     assert ranks, "ranks other than 0 wrote records"
     for r in ranks:
-        assert r["param_hash"] == by_step[r["step"]], f"group {r['replica']} rank {r['group_rank']} step {r['step']}"
+        assert (r["param_hash"], r["optim_hash"]) == by_step[r["step"]], \
+            f"group {r['replica']} rank {r['group_rank']} step {r['step']}"
 
 
 def test_a_killed_rank_fails_its_group_whose_shard_is_taken_over_and_which_heals(tmp_path, cluster):
