@@ -70,12 +70,14 @@ class Cluster:
                 *_options({**GROUP_OPTIONS, **options}), *extra]
 
     def start_group(self, group: int, groups: int, run_dir: Path, *, nproc: int = 2, max_restarts: int = 0,
-                    extra: tuple[str, ...] = (), lighthouse: str | None = None, **options) -> subprocess.Popen:
-        """Group ``group`` on host 127.0.0.(10 + group), its ranks started by torchrun."""
-        host = f"127.0.0.{10 + group}"
+                    extra: tuple[str, ...] = (), lighthouse: str | None = None, host: str | None = None,
+                    **options) -> subprocess.Popen:
+        """Group ``group`` on ``host`` (default 127.0.0.(10 + group)), its ranks started by torchrun."""
+        host = host or f"127.0.0.{10 + group}"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
                "--master-addr", host, "--master-port", str(_free_port(host)), "--max-restarts", str(max_restarts),
-               "--monitor-interval", "0.2", *self._group_args(group, groups, run_dir, lighthouse, options, extra)]
+               "--monitor-interval", "0.2", *self._group_args(group, groups, run_dir, lighthouse, options, extra),
+               "--advertise", host]
         return self._popen(cmd, self.tmp / f"group_{group}_{len(self.procs)}.log")
 
     def start_group_as_srun(self, group: int, groups: int, run_dir: Path, *, nproc: int = 2,
@@ -139,32 +141,42 @@ def check_ranks_agree_with_groups(run_dir: Path, series: list[dict]) -> None:
 
 def test_a_killed_rank_fails_its_group_whose_shard_is_taken_over_and_which_heals(tmp_path, cluster):
     """3 groups of 2 ranks; rank 1 of group 1 is SIGKILLed at step 6: group 1 is dropped, group 2 runs its
-    shard exactly (ndb-exact), torchrun restarts group 1, it heals from a live group and trains on. Every
-    committed step is the same on every rank of every group, none is lost or applied twice. (That an exact
-    takeover is full-batch training is tested on single-rank replicas, test_training.py; that a group
-    computes what its ranks would as replicas, below.)"""
+    shard exactly (ndb-exact), torchrun restarts group 1 and it heals from a live group. Killed again at
+    its first step past 40 (the one it healed at), with torchrun's restarts used up, it is started anew
+    on another host (a replaced node: 127.0.0.21), takes its index over and heals again. Every committed step is the same
+    on every rank of every group, none lost or applied twice. (That an exact takeover is full-batch
+    training is tested on single-rank replicas, test_training.py; that a group computes what its ranks
+    would as replicas, below.)"""
     cluster.start_lighthouse()
     run_dir = tmp_path / "run"
-    steps = 150
+    steps = 230
+    kills = ("--inject", "kill@6:1", "--inject", "kill@40:1")
     groups = [cluster.start_group(g, 3, run_dir, max_restarts=1, steps=steps, policy="ndb-exact",
-                                  extra=("--inject", "kill@6:1") if g == 1 else ())
+                                  extra=kills if g == 1 else ())
               for g in range(3)]
-    for proc in groups:
+    assert cluster.wait(groups[1], 150) != 0, "group 1's torchrun gives up after its one restart"
+    replaced = cluster.start_group(1, 3, run_dir, steps=steps, policy="ndb-exact", extra=kills, host="127.0.0.21")
+    for proc in (groups[0], groups[2], replaced):
         assert cluster.wait(proc, 200) == 0, f"a group failed; logs in {tmp_path}"
 
     series = check_replicas_agree(run_dir, steps)
     check_ranks_agree_with_groups(run_dir, series)
-    fired = json.loads((injections_dir(run_dir) / "kill-6-1-step").read_text())
     rank_1_pids = {r["pid"] for r in read_jsonl(run_dir / "metrics" / "ranks" / "replica_1_rank_1.jsonl")
                    if r.get("event") == "start"}
-    assert fired["replica"] == 1 and fired["step"] == 6 and fired["pid"] in rank_1_pids, "group 1's rank 1 died"
+    for key in ("kill-6-1-step", "kill-40-1-step"):
+        fired = json.loads((injections_dir(run_dir) / key).read_text())
+        assert fired["replica"] == 1 and fired["pid"] in rank_1_pids, "group 1's rank 1 died (not rank 0)"
     covered = [r for r in series if r["neighbours"]]
     assert covered and covered[0]["step"] == 6 and all(r["neighbours"] == {"1": 2} for r in covered)
-    back = covered[-1]["step"] + 1
-    assert back < steps - 5 and all(r["live"] == [0, 1, 2] for r in series[back:]), "group 1 came back"
     records = read_metrics(run_dir)
-    assert any(r.get("event") == "healed" and r["replica"] == 1 for r in records)
-    assert sum(r.get("event") == "start" and r["replica"] == 1 for r in records) == 2, "group 1 restarted once"
+    starts = [r for r in records if r.get("event") == "start" and r["replica"] == 1]
+    heals = [r for r in records if r.get("event") == "healed" and r["replica"] == 1]
+    assert len(starts) == 3 and len(heals) == 2, "started, restarted by torchrun, started on the new host"
+    back = covered[-1]["step"] + 1
+    assert heals[-1]["step"] == back < steps - 5, "group 1 came back from the new host"
+    assert all(r["live"] == [0, 1, 2] for r in series[back:])
+    second = json.loads((injections_dir(run_dir) / "kill-40-1-step").read_text())
+    assert second["step"] == heals[0]["step"] > 40, "killed again right after torchrun's restart healed it"
 
 
 def test_two_groups_of_two_ranks_match_four_single_rank_replicas(tmp_path, cluster, corpus_cache):
