@@ -16,7 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from mecefo.checkpoint import checkpoint_path
 from mecefo.config import TrainConfig
 from mecefo.failures import injections_dir
 from mecefo.report import read_jsonl, read_metrics
@@ -179,15 +181,16 @@ def test_a_killed_rank_fails_its_group_whose_shard_is_taken_over_and_which_heals
     assert second["step"] == heals[0]["step"] > 40, "killed again right after torchrun's restart healed it"
 
 
-def test_two_groups_of_two_ranks_match_four_single_rank_replicas(tmp_path, cluster, corpus_cache):
+def test_two_groups_of_two_ranks_match_four_single_rank_replicas_and_resume_exactly(tmp_path, cluster, corpus_cache):
     """Without failures, 2 groups x 2 ranks train on what 4 single-rank replicas train on (rank r of group
     g: replica 2g + r's data) and end where they end, up to the order of the gradient sums. Group 0 is
-    started by torchrun, group 1 as srun starts tasks."""
+    started by torchrun, group 1 as srun starts tasks. Resumed with a fresh lighthouse from the checkpoint
+    of step 6 (as after a preemption), the groups end exactly where they ended."""
     cluster.start_lighthouse()
     run_dir = tmp_path / "groups"
     steps = 12
-    procs = [cluster.start_group(0, 2, run_dir, steps=steps, policy="mecefo"),
-             *cluster.start_group_as_srun(1, 2, run_dir, steps=steps, policy="mecefo")]
+    job = dict(steps=steps, policy="mecefo", checkpoint_every=6)
+    procs = [cluster.start_group(0, 2, run_dir, **job), *cluster.start_group_as_srun(1, 2, run_dir, **job)]
     for proc in procs:
         assert cluster.wait(proc, 150) == 0, f"a group failed; logs in {tmp_path}"
     series = check_replicas_agree(run_dir, steps)
@@ -200,6 +203,16 @@ def test_two_groups_of_two_ranks_match_four_single_rank_replicas(tmp_path, clust
     ours = [r["loss"] for r in series]
     theirs = [r["loss"] for r in check_replicas_agree(single.run_path, steps)]
     assert max(abs(a - b) for a, b in zip(ours, theirs)) < 1e-12
+
+    uninterrupted = final_model(run_dir)
+    checkpoint_path(run_dir / "checkpoints", steps).unlink()  # preempted after the checkpoint of step 6
+    cluster.start_lighthouse()  # a fresh job store: the old one's ledger has steps 6 .. 11 committed
+    procs = [cluster.start_group(g, 2, run_dir, extra=("--resume",), **job) for g in range(2)]
+    for proc in procs:
+        assert cluster.wait(proc, 150) == 0, f"a resumed group failed; logs in {tmp_path}"
+    resumed = [r for r in read_metrics(run_dir) if r.get("event") == "resumed"]
+    assert sorted(r["replica"] for r in resumed) == [0, 1] and all(r["step"] == 6 for r in resumed)
+    assert all(torch.equal(t, uninterrupted[name]) for name, t in final_model(run_dir).items())
 
 
 def _group_error(cluster: Cluster, proc: subprocess.Popen, timeout_s: float = 90) -> str:
