@@ -67,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
                                            join_timeout_s=args.join_timeout, bind=args.bind)
     except Exception as e:  # noqa: BLE001  (the Rust server's bind errors are plain exceptions)
         parser.error(f"argument --bind: cannot listen on {args.bind}: {str(e).splitlines()[0]}")
-    store_port = args.store_port if args.store_port is not None else int(address.rsplit(":", 1)[1]) + JOB_STORE_PORT_OFFSET
+    store_port = args.store_port
+    if store_port is None:  # next to the lighthouse's port (the one it got, when --bind asked for any)
+        store_port = split_address(address, "--bind")[1] + JOB_STORE_PORT_OFFSET
     try:
         store = BoundStore(host, store_port)
     except OSError as e:

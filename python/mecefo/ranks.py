@@ -62,7 +62,8 @@ class GroupBatches:
         self.world_size = world_size
         self.micro_batch = batches.micro_batch * world_size
 
-    def batch(self, step: int, shard: int, start: int = 0, stop: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, step: int, shard: int, start: int = 0,
+              stop: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         m = self.batches.micro_batch
         stop = self.micro_batch if stop is None else stop
         if not 0 <= start < stop <= self.micro_batch:
@@ -111,6 +112,3 @@ class IntraGroup:
             raise GroupFailed(f"rank {self.rank}: a rank of this group is gone ({str(e).splitlines()[0][:200]}); "
                               "the group stops and is restarted as a whole") from None
         return True
-
-    def barrier(self) -> None:
-        self.allreduce_sum(torch.zeros(1))

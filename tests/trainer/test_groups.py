@@ -145,10 +145,10 @@ def test_a_killed_rank_fails_its_group_whose_shard_is_taken_over_and_which_heals
     """3 groups of 2 ranks; rank 1 of group 1 is SIGKILLed at step 6: group 1 is dropped, group 2 runs its
     shard exactly (ndb-exact), torchrun restarts group 1 and it heals from a live group. Killed again at
     its first step past 40 (the one it healed at), with torchrun's restarts used up, it is started anew
-    on another host (a replaced node: 127.0.0.21), takes its index over and heals again. Every committed step is the same
-    on every rank of every group, none lost or applied twice. (That an exact takeover is full-batch
-    training is tested on single-rank replicas, test_training.py; that a group computes what its ranks
-    would as replicas, below.)"""
+    on another host (a replaced node: 127.0.0.21), takes its index over and heals again. Every committed
+    step is the same on every rank of every group, none lost or applied twice. (That an exact takeover
+    is full-batch training is tested on single-rank replicas, test_training.py; that a group computes
+    what its ranks would as replicas, below.)"""
     cluster.start_lighthouse()
     run_dir = tmp_path / "run"
     steps = 230
