@@ -44,6 +44,7 @@ from pathlib import Path
 
 from .cli import EXIT_USAGE, OneLineErrors
 from .config import TrainConfig, add_train_arguments, config_from_args
+from .failures import parse_injection
 
 EXIT_GROUP_FAILED = 1  # a rank of this group is gone: restart the whole group
 # TrainConfig fields a group may set for itself: where it writes, its threads, how it is supervised
@@ -165,6 +166,7 @@ class GroupLease:
         self._timeout_s = timeout_s
         self._store = connect_store(store_address, timeout_s)
         self._stop = threading.Event()
+        self._beating: threading.Thread | None = None
 
     def _key(self, name: str) -> str:
         return f"group/{self.group}/{name}"
@@ -182,7 +184,8 @@ class GroupLease:
         if store.compare_set(self._key("owner"), previous, self.owner).decode() != self.owner:
             raise AdmissionError(f"group {self.group} was claimed by another process at the same time: two groups "
                                  f"were started with --group {self.group}")
-        threading.Thread(target=self._beat, name=f"group-{self.group}-lease", daemon=True).start()
+        self._beating = threading.Thread(target=self._beat, name=f"group-{self.group}-lease", daemon=True)
+        self._beating.start()
 
     def _beat(self) -> None:
         from .quorum import connect_store
@@ -195,7 +198,10 @@ class GroupLease:
                 return
 
     def release(self) -> None:
+        """Stop beating (the index is free once a successor has watched the beat stand still)."""
         self._stop.set()
+        if self._beating is not None:
+            self._beating.join(timeout=5)
 
 
 def _is_loopback(host: str) -> bool:
@@ -262,6 +268,14 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.resolved_policy.restart:
         parser.error("argument --policy: restart (checkpoint-restart of the whole job) needs the single-host "
                      "launcher, mecefo-train; a group job restarts groups, not the job")
+    for spec in cfg.inject:
+        try:
+            injection = parse_injection(spec, cfg.replicas)
+        except ValueError as e:
+            parser.error(str(e))
+        if injection.action == "hang":  # SIGSTOPped, it would wait for a supervisor to SIGCONT it
+            parser.error(f"--inject {spec!r}: hang needs the single-host launcher, which wakes the hung process; "
+                         "a group job takes kill only")
     try:
         place = rank_place()
     except ValueError as e:

@@ -67,7 +67,8 @@ def test_rank_place_reads_torchrun_or_srun():
 
 
 def test_a_group_joins_only_a_job_of_its_configuration():
-    store = LoopbackStore().store
+    server = LoopbackStore()  # kept: its listening socket closes with it
+    store = server.store
     job = job_identity(TrainConfig(replicas=3, run_dir="a", threads=1), "c0ffee" * 4, 2)
     check_same_job(store, job, 0)
     check_same_job(store, job_identity(TrainConfig(replicas=3, run_dir="b", threads=2), "c0ffee" * 4, 2), 1)
@@ -104,6 +105,10 @@ def test_group_and_lighthouse_commands_refuse_bad_input_in_one_line(monkeypatch,
          "argument --steps: must be >= 1, got 0"),
         (main, ["--lighthouse", "127.0.0.1:1", "--group", "0", "--groups", "2", "--policy", "restart"],
          "argument --policy: restart (checkpoint-restart of the whole job) needs the single-host launcher"),
+        (main, ["--lighthouse", "127.0.0.1:1", "--group", "0", "--groups", "2", "--inject", "hang@3:1=5"],
+         "--inject 'hang@3:1=5': hang needs the single-host launcher"),
+        (main, ["--lighthouse", "127.0.0.1:1", "--group", "0", "--groups", "2", "--inject", "kill@3:2"],
+         "--inject 'kill@3:2': replica 2 is not in [0, 2)"),
         (lighthouse_main, ["--bind", "nowhere"], "--bind must be HOST:PORT, got 'nowhere'"),
         (lighthouse_main, ["--min-replicas", "0"], "argument --min-replicas: must be >= 1, got 0"),
     ]
