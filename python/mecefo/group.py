@@ -190,12 +190,12 @@ class GroupLease:
     def _beat(self) -> None:
         from .quorum import connect_store
 
-        store = connect_store(self._address, self._timeout_s)  # its own connection: the main one is not shared
-        while not self._stop.wait(self.BEAT_S):
-            try:
+        try:
+            store = connect_store(self._address, self._timeout_s)  # its own connection: the main one is not shared
+            while not self._stop.wait(self.BEAT_S):
                 store.add(self._key("beat"), 1)
-            except RuntimeError:  # the job store is gone: the job is over
-                return
+        except RuntimeError:  # the job store is gone: the job is over
+            return
 
     def release(self) -> None:
         """Stop beating (the index is free once a successor has watched the beat stand still)."""

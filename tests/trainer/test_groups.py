@@ -241,10 +241,11 @@ def test_bad_group_configurations_are_one_line_errors(tmp_path, cluster):
     while not (run_dir / "metrics" / "replica_0.jsonl").is_file():  # admitted: holds group 0
         assert time.monotonic() < deadline and first.poll() is None, "group 0 did not start"
         time.sleep(0.2)
-    line = _group_error(cluster, cluster.start_group(0, 2, tmp_path / "twin", steps=400))
+    twin = cluster.start_group(0, 2, tmp_path / "twin", steps=400)
+    other = cluster.start_group(1, 2, tmp_path / "other", steps=400, preset="small", nproc=1)
+    line = _group_error(cluster, twin)
     assert "group 0 is already running" in line and "--group 0" in line
-
-    line = _group_error(cluster, cluster.start_group(1, 2, tmp_path / "other", steps=400, preset="small", nproc=1))
+    line = _group_error(cluster, other)
     assert "group 1 does not match the job" in line
     assert "preset 'small' here, 'tiny' in the job (--preset)" in line
     assert "ranks_per_group 1 here, 2 in the job (--nproc-per-node / WORLD_SIZE)" in line
