@@ -303,8 +303,10 @@ def _run_group(parser, cfg: TrainConfig, args, place: RankPlace, *, lighthouse: 
     from .fencing import FENCED_EXIT_CODE, Fenced
     from .quorum import BoundStore, connect_store
     from .ranks import GroupFailed, IntraGroup
-    from .replica import Replica
+    from .replica import Replica, die_with
 
+    if place.under_torchrun:  # a rank outliving its torchrun agent would hold the group index for nobody
+        die_with(os.getppid())
     timeout_s = args.connect_timeout
     # the rendezvous: MASTER_ADDR:MASTER_PORT is torchrun's store, or one rank 0 hosts there under srun
     bootstrap_host = None if place.under_torchrun or place.rank != 0 else BoundStore(place.master_addr,

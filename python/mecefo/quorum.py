@@ -90,7 +90,7 @@ class BoundStore:
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
 class LoopbackStore(BoundStore):

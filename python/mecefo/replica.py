@@ -392,8 +392,9 @@ class Replica:
         self.metrics.close()
 
 
-def _die_with(parent: int) -> None:
-    """SIGKILL this process when the launcher dies (Linux), so no replica outlives a killed launcher."""
+def die_with(parent: int) -> None:
+    """SIGKILL this process when its launcher ``parent`` dies (Linux), so no replica outlives a killed
+    launcher (mecefo's supervisor, or torchrun's agent)."""
     if sys.platform.startswith("linux"):
         import ctypes
 
@@ -416,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--supervisor-pid", type=int, help="exit when this process (the launcher) dies")
     args = parser.parse_args(argv)
     if args.supervisor_pid:
-        _die_with(args.supervisor_pid)
+        die_with(args.supervisor_pid)
     cfg = TrainConfig.load(Path(args.run_dir) / "config.json")
     replica = Replica(cfg, args.replica, lighthouse=args.lighthouse, barrier=args.barrier,
                       generation=args.generation, rejoin=args.rejoin, resume=args.resume,
