@@ -19,10 +19,11 @@ Start-up, before training:
 2. the group's rank 0 hosts a fresh store for this attempt (torchrun's own store would hold the
    previous attempt's keys after a restart) and publishes its address through MASTER_ADDR:MASTER_PORT
    (torchrun's store, or one rank 0 hosts there under srun); the ranks build the group's gloo group;
-3. rank 0 prepares the corpus and the run directory, then is admitted to the job through the job
-   store: its configuration (model, data, batch, policy, optimizer, ranks per group; not paths or
-   thread counts) must equal the one the first group registered, and no live process may hold
-   its group index (:class:`GroupLease`); otherwise every rank exits with a one-line error (2).
+3. rank 0 prepares the corpus and is admitted to the job through the job store: its
+   configuration (model, data, batch, policy, optimizer, ranks per group; not paths or thread
+   counts) must equal the one the first group registered, and no live process may hold its group
+   index (:class:`GroupLease`); otherwise every rank exits with a one-line error (2). Admitted,
+   it writes the run directory's config.json and corpus.json.
 
 Then the group trains as one replica of the job (:mod:`mecefo.replica`, :mod:`mecefo.ranks`).
 Exit codes: 0 the job's last step is committed; 1 a rank of this group is gone (the group must be
@@ -217,19 +218,14 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def prepare_group_run_dir(cfg: TrainConfig):
-    """The corpus, and the run directory's config.json and corpus.json (several groups may share the
-    directory: written atomically; an existing run is joined, not refused)."""
-    from .data import check_length, prepare_corpus
+def write_group_run_dir(cfg: TrainConfig, corpus) -> None:
+    """The run directory's config.json and corpus.json (several groups may share the directory:
+    written atomically; an existing run is joined, not refused)."""
     from .replica import CORPUS_FILE
 
-    corpus = prepare_corpus(cfg.data, cache_dir=cfg.cache_dir, val_percent=cfg.val_percent,
-                            data_dtype=cfg.data_dtype)
-    check_length(corpus, cfg.seq_len)
     cfg.run_path.mkdir(parents=True, exist_ok=True)
     _write_atomic(cfg.run_path / "config.json", cfg.to_json() + "\n")
     _write_atomic(cfg.run_path / CORPUS_FILE, json.dumps(corpus.as_dict(), indent=2) + "\n")
-    return corpus
 
 
 def _parser() -> OneLineErrors:
@@ -300,6 +296,7 @@ def _run_group(parser, cfg: TrainConfig, args, place: RankPlace, *, lighthouse: 
                advertise: str) -> int:
     from torch.distributed import PrefixStore
 
+    from .data import check_length, prepare_corpus
     from .fencing import FENCED_EXIT_CODE, Fenced
     from .quorum import BoundStore, connect_store
     from .ranks import GroupFailed, IntraGroup
@@ -325,12 +322,15 @@ def _run_group(parser, cfg: TrainConfig, args, place: RankPlace, *, lighthouse: 
     lease = None
     if place.rank == 0:
         try:
-            corpus = prepare_group_run_dir(cfg)
+            corpus = prepare_corpus(cfg.data, cache_dir=cfg.cache_dir, val_percent=cfg.val_percent,
+                                    data_dtype=cfg.data_dtype)
+            check_length(corpus, cfg.seq_len)
             check_same_job(connect_store(job_store, timeout_s), job_identity(cfg, corpus.fingerprint, place.world_size),
                            args.group)
             lease = GroupLease(job_store, args.group, f"{socket.gethostname()} pid {os.getpid()} at {advertise}",
                                timeout_s)
             lease.acquire()
+            write_group_run_dir(cfg, corpus)  # admitted: nothing is written by a group that is refused
         except (ValueError, OSError, AdmissionError) as e:
             store.set(SETUP_KEY, str(e) or type(e).__name__)
             if isinstance(e, ValueError):
