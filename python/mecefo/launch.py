@@ -30,7 +30,6 @@ any process starts (``prepare_run_dir``; on the command line a one-line ``PROG: 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -43,7 +42,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .checkpoint import checkpoint_path
-from .cli import EXIT_INTERRUPTED
+from .cli import EXIT_INTERRUPTED, OneLineErrors
 from .config import ConfigError, TrainConfig, add_train_arguments, config_from_args
 from .data import check_length, prepare_corpus
 from .failures import injections_dir, load_schedule, parse_injection
@@ -53,7 +52,6 @@ from .replica import CHECKPOINT_DIR, CORPUS_FILE, RESTART_EXIT_CODE, RESTART_REQ
 
 POLL_S = 0.05
 EXIT_INCOMPLETE = 1  # aborted, or ended without committing every step
-EXIT_USAGE = 2  # bad input (as argparse)
 
 
 @dataclass(frozen=True)
@@ -474,28 +472,8 @@ def _timestamped(prefix: str) -> str:
     return str(Path("runs") / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-class _OneLineErrors(argparse.ArgumentParser):
-    """argparse whose errors are one line, ``PROG: error: MESSAGE`` (exit 2), without the usage block."""
-
-    def error(self, message: str):
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
-
-    def config_error(self, error: ValueError):
-        """A rejected value: one line naming the option when the error names its field."""
-        field = getattr(error, "field", None)
-        if field is None:
-            self.error(str(error))
-        option = next((a.option_strings[0] for a in self._actions if a.dest == field and a.option_strings),
-                      "--" + field.replace("_", "-"))
-        text = str(error)
-        if text.startswith(f"{option} "):  # the message names the option already
-            self.error(text)
-        text = text[len(field) + 1:] if text.startswith(f"{field} ") else text
-        self.error(f"argument {option}: {text}")
-
-
 def train_main(argv: list[str] | None = None) -> int:
-    parser = _OneLineErrors(prog="mecefo-train", description="Fault-tolerant data-parallel LLaMA training "
+    parser = OneLineErrors(prog="mecefo-train", description="Fault-tolerant data-parallel LLaMA training "
                             "(Neighbor-Do-Both with MeCeFO) on torchft, CPU or GPU.")
     cfg, progress = _parse_config(parser, TrainConfig(run_dir=""), argv)
     if not cfg.run_dir:
@@ -516,7 +494,7 @@ def _parse_config(parser: _OneLineErrors, defaults: TrainConfig, argv: list[str]
         parser.config_error(e)
 
 
-def _run_and_print(parser: _OneLineErrors, cfg: TrainConfig, progress: bool) -> int:
+def _run_and_print(parser: OneLineErrors, cfg: TrainConfig, progress: bool) -> int:
     started = time.time()
     try:
         try:
@@ -537,7 +515,7 @@ DEMO = TrainConfig(run_dir="", preset="tiny", replicas=4, steps=300, seq_len=128
 
 
 def demo_main(argv: list[str] | None = None) -> int:
-    parser = _OneLineErrors(
+    parser = OneLineErrors(
         prog="mecefo-demo", description="MeCeFO demo: a lighthouse and 4 CPU replicas train a tiny LLaMA on the "
         "Python standard library's sources; replica 2 is SIGKILLed at step 100 and restarted 80 steps later, "
         "while its neighbour covers its shard.")

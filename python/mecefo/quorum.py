@@ -1,21 +1,26 @@
-"""Membership on torchft, loopback only, with a synchronous quorum.
+"""Membership on torchft, with a synchronous quorum.
 
-One replica = one torchft replica group of world size 1. Pieces:
+One replica = one torchft replica group (of world size 1 under the single-host launcher, of G
+ranks under ``mecefo.group``: :mod:`mecefo.ranks`). Pieces:
 
-* the lighthouse (:func:`start_lighthouse`, run by the launcher) decides each quorum;
-* each replica hosts the TCPStore of its replica group (:class:`LoopbackStore`) and a torchft
-  ``Manager``; the cross-replica process group is torchft's reconfigurable gloo group, and a
-  rejoining replica receives its state over that group (``PGTransport``), not over HTTP;
-* everything binds and advertises 127.0.0.1: the lighthouse and the stores are bound there
-  explicitly, gloo uses the loopback interface (GLOO_SOCKET_IFNAME=lo), and the Manager's
-  server, which torchft 0.2.0 binds to ``[::]`` unconditionally, is bound to 127.0.0.1 by
-  :func:`_loopback_manager_server` while the Manager is built.
+* the lighthouse (:func:`start_lighthouse`, run by the launcher or by ``mecefo-lighthouse``)
+  decides each quorum;
+* each replica group has a TCPStore (:class:`BoundStore`: hosted by the replica itself under the
+  launcher, by the group's rank 0 under ``mecefo.group``) and each rank a torchft ``Manager``;
+  the cross-replica process group is torchft's reconfigurable gloo group (rank ``r`` of every
+  group together), and a rejoining replica receives its state over that group
+  (``PGTransport``), not over HTTP;
+* every server binds the address it advertises: the launcher's lighthouse, stores and Manager
+  servers 127.0.0.1 (gloo on the loopback interface, GLOO_SOCKET_IFNAME=lo, set by the
+  launcher), a group's the address given by ``--advertise``. torchft 0.2.0 binds the Manager's
+  server to ``[::]`` unconditionally; :func:`_manager_server_bound_to` binds it to the advertised
+  address while the Manager is built.
 
 Synchronous quorum: NDB needs the live set before the forward pass, so the Manager is built
 with ``use_async_quorum=False``: ``start_quorum`` returns only when the quorum is decided, the
 process group is rebuilt and a healing replica has received and loaded its state. The live
-set is what torchft passes to the process group's ``configure`` (``global_ranks``: replica
-``replica_<i>`` is rank ``i``), recorded by :class:`LiveSetGloo`.
+set is what torchft passes to the process group's ``configure`` (``global_ranks``: rank ``r`` of
+replica group ``replica_<i>`` is ``i*G + r``), recorded by :class:`LiveSetGloo` as replica indices.
 """
 
 from __future__ import annotations
@@ -26,7 +31,6 @@ import socket
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 
-os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 os.environ.setdefault("RUST_LOG", "warn")  # torchft's Rust servers log every quorum at info
 
 import torch  # noqa: E402
@@ -45,53 +49,71 @@ def _port_of(address: str) -> int:
     return int(address.rstrip("/").rsplit(":", 1)[1])
 
 
-def start_lighthouse(*, min_replicas: int, heartbeat_timeout_s: float,
-                     join_timeout_s: float = 30.0) -> tuple[LighthouseServer, str]:
-    """A lighthouse on 127.0.0.1 and its address.
+def split_address(address: str, what: str) -> tuple[str, int]:
+    """``(host, port)`` of ``HOST:PORT`` (an ``http://`` prefix allowed); ValueError naming ``what`` otherwise."""
+    bare = address.removeprefix("http://").rstrip("/")
+    host, sep, port = bare.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"{what} must be HOST:PORT, got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+def start_lighthouse(*, min_replicas: int, heartbeat_timeout_s: float, join_timeout_s: float = 30.0,
+                     bind: str = f"{LOOPBACK}:0") -> tuple[LighthouseServer, str]:
+    """A lighthouse listening on ``bind`` (HOST:PORT; port 0: any free one) and its address.
 
     A replica that dies or hangs stops heartbeating and is dropped after ``heartbeat_timeout_s``.
     ``join_timeout_s`` is how long a quorum waits for a replica that still heartbeats but has not
     asked to join yet (alive, merely busy: writing a checkpoint, evaluating). It is long on
     purpose: it never delays failure detection, and a short one would drop slow live replicas.
     """
-    server = LighthouseServer(bind=f"{LOOPBACK}:0", min_replicas=min_replicas,
+    host, _ = split_address(bind, "bind")
+    server = LighthouseServer(bind=bind, min_replicas=min_replicas,
                               join_timeout_ms=int(join_timeout_s * 1000), quorum_tick_ms=20,
                               heartbeat_timeout_ms=int(heartbeat_timeout_s * 1000))
-    # address() advertises the host name; the server listens on loopback only.
-    return server, f"http://{LOOPBACK}:{_port_of(server.address())}"
+    # address() advertises the host name; the server listens on the bound address only.
+    return server, f"http://{host}:{_port_of(server.address())}"
 
 
-class LoopbackStore:
-    """A TCPStore server listening on 127.0.0.1 only (TCPStore itself binds every interface)."""
+class BoundStore:
+    """A TCPStore server listening on ``host`` only (TCPStore itself binds every interface); port 0: any free one."""
 
-    def __init__(self):
-        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._socket.bind((LOOPBACK, 0))
+    def __init__(self, host: str, port: int = 0):
+        self.host = host
+        self._socket = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._socket.bind((host, port))
         self._socket.listen(128)
         self.port = self._socket.getsockname()[1]
-        self.store = TCPStore(LOOPBACK, self.port, is_master=True, wait_for_workers=False,
+        self.store = TCPStore(host, self.port, is_master=True, wait_for_workers=False,
                               master_listen_fd=self._socket.fileno())
 
     @property
     def address(self) -> str:
-        return f"{LOOPBACK}:{self.port}"
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+class LoopbackStore(BoundStore):
+    """A TCPStore server listening on 127.0.0.1 only."""
+
+    def __init__(self):
+        super().__init__(LOOPBACK)
 
 
 def connect_store(address: str, timeout_s: float) -> TCPStore:
-    host, port = address.rsplit(":", 1)
-    return TCPStore(host, int(port), is_master=False, wait_for_workers=False,
-                    timeout=timedelta(seconds=timeout_s))
+    host, port = split_address(address, "store address")
+    return TCPStore(host, port, is_master=False, wait_for_workers=False, timeout=timedelta(seconds=timeout_s))
 
 
 @contextlib.contextmanager
-def _loopback_manager_server() -> Iterator[None]:
+def _manager_server_bound_to(host: str) -> Iterator[None]:
     original = _torchft_manager.ManagerServer
 
-    def loopback(*args, **kwargs):
-        kwargs["bind"] = f"{LOOPBACK}:0"
+    def bound(*args, **kwargs):
+        kwargs["bind"] = f"[{host}]:0" if ":" in host else f"{host}:0"
         return original(*args, **kwargs)
 
-    _torchft_manager.ManagerServer = loopback
+    _torchft_manager.ManagerServer = bound
     try:
         yield
     finally:
@@ -99,13 +121,18 @@ def _loopback_manager_server() -> Iterator[None]:
 
 
 class LiveSetGloo(ProcessGroupGloo):
-    """torchft's gloo group, remembering which replicas the current quorum holds."""
+    """torchft's gloo group, remembering which replicas the current quorum holds.
+
+    torchft numbers rank ``r`` of replica group ``i`` (of ``G`` ranks) ``i*G + r``; :attr:`live`
+    holds the replica indices ``i``.
+    """
 
     live: tuple[int, ...] = ()
 
     def configure(self, store_addr, replica_id, rank, world_size, quorum_id=None, group_rank=None,
                   group_world_size=None, global_ranks=None):
-        self.live = tuple(sorted(global_ranks or ()))
+        ranks_per_group = group_world_size or 1
+        self.live = tuple(sorted((r - (group_rank or 0)) // ranks_per_group for r in global_ranks or ()))
         super().configure(store_addr, replica_id, rank, world_size, quorum_id, group_rank, group_world_size,
                           global_ranks)
 
@@ -164,25 +191,34 @@ class Membership:
         ledger: the job's commit ledger (:mod:`mecefo.fencing`); with one, a commit first claims
             its step for this quorum and :meth:`check_current` refuses a quorum that is behind.
             None: no fencing (a replica used outside the launcher).
+        group_store: HOST:PORT of the replica group's store, hosted by its rank 0 (None: a
+            replica of one rank, which hosts its own on ``advertise``).
+        group_rank / group_world_size: this rank within the replica group, and the group's size.
+        advertise: the address this rank's servers bind and other hosts reach them at.
     """
 
     def __init__(self, *, replica: int, lighthouse: str, state_dict: Callable[[], dict],
                  load_state_dict: Callable[[dict], None], min_replicas: int, timeout_s: float,
                  quorum_timeout_s: float, on_quorum: Callable[[], None] | None = None,
-                 on_send: Callable[[int], None] | None = None, ledger: CommitLedger | None = None):
+                 on_send: Callable[[int], None] | None = None, ledger: CommitLedger | None = None,
+                 group_store: str | None = None, group_rank: int = 0, group_world_size: int = 1,
+                 advertise: str = LOOPBACK):
         timeout = timedelta(seconds=timeout_s)
         self.replica = replica
         self.ledger = ledger
-        self.store = LoopbackStore()
+        # the group's store, when this replica hosts it (kept alive with the Manager)
+        self.store = BoundStore(advertise) if group_store is None else None
+        group_store = group_store or self.store.address
+        store_host, store_port = split_address(group_store, "group store")
         self.pg = LiveSetGloo(timeout=timeout)
         transport_pg = _SendHookGroup(self.pg, on_send) if on_send else self.pg
-        with _loopback_manager_server():
+        with _manager_server_bound_to(advertise):
             self.manager = _torchft_manager.Manager(
                 pg=self.pg, load_state_dict=load_state_dict, state_dict=state_dict,
                 min_replica_size=min_replicas, use_async_quorum=False, timeout=timeout,
                 quorum_timeout=timedelta(seconds=quorum_timeout_s), connect_timeout=timeout,
-                rank=0, world_size=1, store_addr=LOOPBACK, store_port=self.store.port,
-                lighthouse_addr=lighthouse, replica_id=f"replica_{replica}", hostname=LOOPBACK,
+                rank=group_rank, world_size=group_world_size, store_addr=store_host, store_port=store_port,
+                lighthouse_addr=lighthouse, replica_id=f"replica_{replica}", hostname=advertise,
                 checkpoint_transport=PGTransport(transport_pg, timeout, torch.device("cpu")),
                 # every replica builds the same initial weights from the seed; a replica that
                 # starts late heals from a peer instead

@@ -15,6 +15,12 @@ Every step:
    replay sees the same data). A step is thus never applied twice nor lost;
 6. metrics, and periodically a checkpoint (written by the lowest live replica) and evaluation.
 
+A replica may be a group of G ranks (``mecefo.group``, :mod:`mecefo.ranks`): each rank runs its
+piece of the group's work, gradients and the loss are summed inside the group first, and the
+checkpoint, evaluation and the replica's metrics file are written by the group's rank 0 (the
+other ranks' records go to ``metrics/ranks/``). Under the single-host launcher every replica is
+a group of one rank.
+
 Fencing (:mod:`mecefo.fencing`): after the quorum, a replica whose step the job already committed
 is behind with nobody to heal from, and every commit claims its step for its quorum in the job's
 ledger first; a replica that fails either rule applies nothing, writes nothing and exits with
@@ -45,8 +51,9 @@ from .model import build_model, evaluate, optimizer_hash, parameter_hash, replic
 from .neighbor import neighbor_path, refresh_due
 from .presets import get_preset
 from .optim import build_optimizer, lr_at, set_lr
-from .quorum import Membership, connect_store
-from .report import MetricsWriter, metrics_path
+from .quorum import LOOPBACK, Membership, connect_store
+from .ranks import GroupBatches, IntraGroup, rank_items
+from .report import METRICS_DIR, MetricsWriter, metrics_path
 from .sync import GradientSync
 
 RESTART_EXIT_CODE = 75  # policy restart: this replica asks the supervisor to restart the whole job
@@ -64,23 +71,42 @@ def work_costs(cfg: TrainConfig) -> WorkCosts:
     return WorkCosts(neighbour=neighbour_flop_ratio(get_preset(cfg.preset), cfg.seq_len, cfg.rank or DEFAULT_RANK))
 
 
+def rank_metrics_path(run_dir: Path, replica: int, rank: int) -> Path:
+    """Where rank ``rank`` > 0 of replica group ``replica`` writes its records (rank 0 writes the replica's)."""
+    return run_dir / METRICS_DIR / "ranks" / f"replica_{replica}_rank_{rank}.jsonl"
+
+
 class Replica:
+    """One replica (a group of ``ranks.world_size`` ranks; this process is rank ``ranks.rank``).
+
+    ``group_store`` (HOST:PORT) is the group's store hosted by its rank 0 (None: a replica of one
+    rank hosts its own); ``advertise`` is the address this rank's servers bind and are reached at;
+    ``device_index`` picks the GPU (None: the replica index).
+    """
+
     def __init__(self, cfg: TrainConfig, replica: int, *, lighthouse: str, barrier: str | None = None,
-                 generation: int = 0, rejoin: bool = False, resume: bool = False, restart_consumed: int = -1):
+                 generation: int = 0, rejoin: bool = False, resume: bool = False, restart_consumed: int = -1,
+                 ranks: IntraGroup | None = None, group_store: str | None = None, advertise: str = LOOPBACK,
+                 device_index: int | None = None):
         start = time.time()
         self.cfg = cfg
         self.replica = replica
+        self.ranks = ranks = ranks or IntraGroup(rank=0, world_size=1)
         self.run_dir = cfg.run_path
         torch.set_num_threads(cfg.threads)
         corpus = CorpusFiles(**json.loads((self.run_dir / CORPUS_FILE).read_text()))
         self.corpus = corpus
-        self.metrics = MetricsWriter(metrics_path(self.run_dir, replica))
+        self.metrics = MetricsWriter(metrics_path(self.run_dir, replica) if ranks.rank == 0
+                                     else rank_metrics_path(self.run_dir, replica, ranks.rank))
         self.schedule = load_schedule(cfg.failures, replicas=cfg.replicas, steps=cfg.steps,
                                       hours=cfg.schedule_hours, seed=cfg.seed)
         self.restart_consumed = restart_consumed
-        self.injector = Injector([parse_injection(s, cfg.replicas) for s in cfg.inject], replica, self.run_dir)
+        # in a group, an injected failure hits its last rank: one that does not talk to the lighthouse
+        injected = ranks.rank == ranks.world_size - 1
+        self.injector = Injector([parse_injection(s, cfg.replicas) for s in cfg.inject] if injected else [],
+                                 replica, self.run_dir)
 
-        self.device = replica_device(cfg, replica)
+        self.device = replica_device(cfg, replica if device_index is None else device_index)
         self.policy = cfg.resolved_policy
         self.path = neighbor_path(self.policy, rank=cfg.rank, tau=cfg.tau, basis=cfg.basis)
         self.costs = work_costs(cfg)
@@ -90,6 +116,8 @@ class Replica:
         self.hash_state = cfg.hash_state if cfg.hash_state is not None else n_params < HASH_STATE_MAX_PARAMS
         self.batches = Batches(corpus, seq_len=cfg.seq_len, micro_batch=cfg.micro_batch, seed=cfg.seed,
                                vocab_size=self.model.config.vocab_size)
+        if ranks.world_size > 1:  # a group shard is G data shards (mecefo.ranks)
+            self.batches = GroupBatches(self.batches, ranks.world_size)
         self.optimizer = build_optimizer(self.model, cfg)
         self.sync = GradientSync(self.model, self.path.skipped_parameters(self.model),
                                  bucket_bytes=int(cfg.bucket_mb * (1 << 20)))
@@ -108,13 +136,14 @@ class Replica:
             quorum_timeout_s=cfg.quorum_timeout_s,
             on_quorum=(lambda: self.injector.fire("quorum", self.membership.step)) if self._has("quorum") else None,
             on_send=self._on_send if self._has("send") else None,
-            ledger=CommitLedger(connect_store(barrier, cfg.quorum_timeout_s), generation) if barrier else None)
+            ledger=CommitLedger(connect_store(barrier, cfg.quorum_timeout_s), generation) if barrier else None,
+            group_store=group_store, group_rank=ranks.rank, group_world_size=ranks.world_size, advertise=advertise)
         if resume:
             self._resume()
         self.metrics.write(event="start", replica=replica, pid=os.getpid(), generation=generation, rejoin=rejoin,
                            step=self.membership.step, ready_time=time.time(), init_s=time.time() - start)
         if barrier and not rejoin:
-            self._launch_barrier(barrier, generation)
+            self._launch_barrier(barrier, generation, ranks=cfg.replicas * ranks.world_size)
 
     # ---- state: what a rejoining replica receives and a checkpoint holds ------------------------
 
@@ -163,16 +192,17 @@ class Replica:
 
     # ---- launch ---------------------------------------------------------------------------------
 
-    def _launch_barrier(self, address: str, generation: int) -> None:
-        """Wait until all replicas of this launch are up, so the first quorum holds them all."""
+    def _launch_barrier(self, address: str, generation: int, ranks: int) -> None:
+        """Wait until all ``ranks`` processes of this launch are up, so the first quorum holds them all
+        (a group restarted later finds the count reached and passes at once)."""
         store = connect_store(address, self.cfg.quorum_timeout_s)
         key = f"launch/{generation}"
         store.add(key, 1)
         deadline = time.monotonic() + self.cfg.quorum_timeout_s
-        while store.add(key, 0) < self.cfg.replicas:
+        while store.add(key, 0) < ranks:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"replica {self.replica}: not all {self.cfg.replicas} replicas started within "
-                                   f"{self.cfg.quorum_timeout_s} s")
+                raise TimeoutError(f"replica {self.replica}: not all {self.cfg.replicas} replicas ({ranks} processes) "
+                                   f"started within {self.cfg.quorum_timeout_s} s")
             time.sleep(0.05)
 
     # ---- injection hooks ------------------------------------------------------------------------
@@ -201,7 +231,7 @@ class Replica:
             if step >= self.cfg.steps:
                 break
             attempts += 1
-            if self.membership.errored():  # the quorum or the healing failed: no step, straight to the commit
+            if self._errored():  # the quorum or the healing failed: no step, straight to the commit
                 self.membership.abort()
                 self.membership.commit()
                 self._discard(step, timing["quorum_s"])
@@ -221,15 +251,26 @@ class Replica:
                           generation=self.generation, lineage=self.lineage)
             if self.hash_state:
                 record.update(param_hash=parameter_hash(self.model), optim_hash=optimizer_hash(self.optimizer))
+            if self.ranks.world_size > 1:
+                record["group_rank"] = self.ranks.rank
             self.metrics.write(**record)
             attempts = 0
             if record["dropped_sequences"] and record["dropped_sequences"] != self.dropped:
                 self._warn(f"step {step}: sequences dropped, too few replicas to take them over ({record['plan']})")
             self.dropped = record["dropped_sequences"]
             self._after_commit(self.membership.step, min(record["members"]))
-        if self.replica == min(self.membership.members or (self.replica,)):
+        if self.replica == min(self.membership.members or (self.replica,)) and self.ranks.rank == 0:
             self._evaluate(self.cfg.steps)
         return 0
+
+    def _errored(self) -> bool:
+        """Whether the quorum or the healing failed on any rank of this group (all ranks then skip the step
+        together: their intra-group collectives must match)."""
+        if self.ranks.world_size == 1:
+            return self.membership.errored()
+        flag = torch.tensor([1.0 if self.membership.errored() else 0.0])
+        self.ranks.allreduce_sum(flag)
+        return flag.item() > 0
 
     def _train_step(self, step: int) -> dict | None:
         """Plan, forward/backward, gradient sync, commit: the committed step's record, or None if discarded."""
@@ -237,9 +278,11 @@ class Replica:
         members = self.membership.members
         failed = frozenset() if self.policy.restart else self.schedule.failed_at(step)
         plan = plan_step(cfg.replicas, [r for r in members if r not in failed], self.policy,
-                         sequences=cfg.micro_batch, costs=self.costs, max_load=cfg.max_load, penalty=cfg.auto_penalty,
-                         drop_penalty=cfg.auto_drop_penalty)
+                         sequences=self.batches.micro_batch, costs=self.costs, max_load=cfg.max_load,
+                         penalty=cfg.auto_penalty, drop_penalty=cfg.auto_drop_penalty)
         items = plan.items_of(self.replica)
+        if self.ranks.world_size > 1:
+            items = rank_items(items, self.ranks.rank, self.ranks.world_size)
         needs_bases = plan.runs_neighbour_mode()
         refreshed = False
         if refresh_due(step, needed=needs_bases, episode_open=self.episode_open, bases_step=self.bases_step,
@@ -253,8 +296,15 @@ class Replica:
         compute_s = time.perf_counter() - t0
 
         t1 = time.perf_counter()
-        ok = self.sync.reduce(self._allreduce_sum, contributes=bool(items))
+        contributes = bool(items)
         stats = torch.tensor([loss_sum, shards], dtype=torch.float64)  # summed: global loss
+        if self.ranks.world_size > 1:
+            # the group's sums first, on every rank whatever happens across groups next (the ranks'
+            # intra-group collectives must match); then every rank sums its group's with the other groups'
+            self.sync.reduce(self.ranks.allreduce_sum, contributes=contributes)
+            self.ranks.allreduce_sum(stats)
+            contributes = True
+        ok = self.sync.reduce(self._allreduce_sum, contributes=contributes)
         ok = ok and self.membership.allreduce_sum(stats)
         if ok:
             self.sync.normalise(plan.normalisers())
@@ -309,9 +359,9 @@ class Replica:
         return False
 
     def _after_commit(self, done: int, writer: int) -> None:
-        """The writer (the lowest member of the step's quorum) checkpoints and evaluates."""
+        """The writer (rank 0 of the lowest member of the step's quorum) checkpoints and evaluates."""
         cfg = self.cfg
-        if self.replica != writer:
+        if self.replica != writer or self.ranks.rank != 0:
             return
         if done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
             state = self.state_dict()
@@ -342,8 +392,9 @@ class Replica:
         self.metrics.close()
 
 
-def _die_with(parent: int) -> None:
-    """SIGKILL this process when the launcher dies (Linux), so no replica outlives a killed launcher."""
+def die_with(parent: int) -> None:
+    """SIGKILL this process when its launcher ``parent`` dies (Linux), so no replica outlives a killed
+    launcher (mecefo's supervisor, or torchrun's agent)."""
     if sys.platform.startswith("linux"):
         import ctypes
 
@@ -366,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--supervisor-pid", type=int, help="exit when this process (the launcher) dies")
     args = parser.parse_args(argv)
     if args.supervisor_pid:
-        _die_with(args.supervisor_pid)
+        die_with(args.supervisor_pid)
     cfg = TrainConfig.load(Path(args.run_dir) / "config.json")
     replica = Replica(cfg, args.replica, lighthouse=args.lighthouse, barrier=args.barrier,
                       generation=args.generation, rejoin=args.rejoin, resume=args.resume,

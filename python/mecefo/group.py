@@ -1,0 +1,363 @@
+"""``mecefo-group`` (``python -m mecefo.group``): one rank of a replica group, started by torchrun or srun.
+
+A multi-host job is a lighthouse (``mecefo-lighthouse``) and ``--groups N`` replica groups of G
+ranks each; group ``I`` is started on its host(s) by::
+
+    torchrun --nnodes 1 --nproc-per-node G --master-addr HOST --master-port PORT \\
+        -m mecefo.group --lighthouse LH_HOST:LH_PORT --group I --groups N --run-dir DIR [training options]
+
+(or ``srun`` with one task per rank, MASTER_ADDR and MASTER_PORT exported). Each rank reads its
+place from the environment: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT (torchrun),
+else SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID with MASTER_ADDR and MASTER_PORT. Nothing else is
+assumed about addresses: the lighthouse and job store come from ``--lighthouse`` / ``--job-store``,
+what this group's servers bind and advertise from ``--advertise`` (default MASTER_ADDR).
+
+Start-up, before training:
+
+1. the lighthouse and the job store must answer within ``--connect-timeout`` seconds, else a
+   one-line error names the address;
+2. the group's rank 0 hosts a fresh store for this attempt (torchrun's own store would hold the
+   previous attempt's keys after a restart) and publishes its address through MASTER_ADDR:MASTER_PORT
+   (torchrun's store, or one rank 0 hosts there under srun); the ranks build the group's gloo group;
+3. rank 0 prepares the corpus and is admitted to the job through the job store: its
+   configuration (model, data, batch, policy, optimizer, ranks per group; not paths or thread
+   counts) must equal the one the first group registered, and no live process may hold its group
+   index (:class:`GroupLease`); otherwise every rank exits with a one-line error (2). Admitted,
+   it writes the run directory's config.json and corpus.json.
+
+Then the group trains as one replica of the job (:mod:`mecefo.replica`, :mod:`mecefo.ranks`).
+Exit codes: 0 the job's last step is committed; 1 a rank of this group is gone (the group must be
+restarted as a whole: torchrun ``--max-restarts`` does it); 2 bad configuration; 76 fenced.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .cli import EXIT_USAGE, OneLineErrors
+from .config import TrainConfig, add_train_arguments, config_from_args
+from .failures import parse_injection
+
+EXIT_GROUP_FAILED = 1  # a rank of this group is gone: restart the whole group
+# TrainConfig fields a group may set for itself: where it writes, its threads, how it is supervised
+LOCAL_FIELDS = frozenset({"run_dir", "cache_dir", "data", "threads", "resume", "max_wall_s", "inject",
+                          "restart_after", "max_restarts", "hash_state"})
+SETUP_KEY = "mecefo/setup"  # in the group's store: rank 0's verdict on the start-up, for the other ranks
+
+
+class AdmissionError(RuntimeError):
+    """This group may not join the job (a one-line reason)."""
+
+
+@dataclass(frozen=True)
+class RankPlace:
+    """Where this process sits, from torchrun's or Slurm's environment."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    attempt: int  # torchrun's restart count (0 under srun: a new srun is a new group)
+    under_torchrun: bool
+
+
+def rank_place(env: dict[str, str] | None = None) -> RankPlace:
+    """This rank's place (torchrun's RANK/WORLD_SIZE/LOCAL_RANK, else srun's SLURM_PROCID/SLURM_NTASKS/
+    SLURM_LOCALID; MASTER_ADDR and MASTER_PORT either way); ValueError naming what is missing."""
+    env = os.environ if env is None else env
+    if "RANK" in env:
+        names = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+    elif "SLURM_PROCID" in env:
+        names = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
+    else:
+        raise ValueError("neither RANK (torchrun) nor SLURM_PROCID (srun) is set: start mecefo.group with "
+                         "torchrun or srun, one process per rank")
+    missing = [n for n in (*names, "MASTER_ADDR", "MASTER_PORT") if not env.get(n)]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} not set: torchrun sets them; under srun export MASTER_ADDR "
+                         "(the group's first host) and MASTER_PORT")
+    try:
+        rank, world_size, local_rank, port = (int(env[n]) for n in (*names, "MASTER_PORT"))
+    except ValueError:
+        raise ValueError(f"{', '.join(names)} and MASTER_PORT must be integers") from None
+    if not 0 <= rank < world_size:
+        raise ValueError(f"{names[0]}={rank} is not in [0, {names[1]}={world_size})")
+    return RankPlace(rank, world_size, local_rank, env["MASTER_ADDR"], port,
+                     int(env.get("TORCHELASTIC_RESTART_COUNT", "0")), "TORCHELASTIC_RUN_ID" in env)
+
+
+def wait_reachable(address: str, what: str, option: str, timeout_s: float) -> None:
+    """Return once ``address`` (HOST:PORT) accepts a TCP connection; AdmissionError after ``timeout_s``."""
+    from .quorum import split_address
+
+    host, port = split_address(address, option)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=1.0).close()
+            return
+        except OSError as e:
+            if time.monotonic() > deadline:
+                raise AdmissionError(f"cannot reach the {what} at {host}:{port} within {timeout_s:g} s "
+                                     f"({e.strerror or e}; {option}): is mecefo-lighthouse running there and "
+                                     "reachable from this host?") from None
+            time.sleep(0.2)
+
+
+def job_identity(cfg: TrainConfig, corpus_fingerprint: str, ranks_per_group: int) -> dict:
+    """What every group of one job must agree on (:data:`LOCAL_FIELDS` excluded)."""
+    identity = {k: v for k, v in asdict(cfg).items() if k not in LOCAL_FIELDS}
+    identity.update(corpus=corpus_fingerprint, ranks_per_group=ranks_per_group)
+    return json.loads(json.dumps(identity))  # tuples as lists: equal to what comes back from the store
+
+
+_IDENTITY_OPTIONS = {"corpus": "--data", "ranks_per_group": "--nproc-per-node / WORLD_SIZE", "replicas": "--groups",
+                     "timeout_s": "--timeout", "heartbeat_timeout_s": "--heartbeat-timeout",
+                     "quorum_timeout_s": "--quorum-timeout"}
+
+
+def check_same_job(store, identity: dict, group: int) -> None:
+    """Register ``identity`` as the job's if it is the first; AdmissionError naming every difference if
+    the job's differs."""
+    mine = json.dumps(identity, sort_keys=True)
+    stored = store.compare_set("job/identity", "", mine).decode()
+    if stored == mine:
+        return
+    theirs = json.loads(stored)
+    diffs = []
+    for key in sorted(set(identity) | set(theirs)):
+        if identity.get(key) != theirs.get(key):
+            option = _IDENTITY_OPTIONS.get(key, "--" + key.replace("_", "-"))
+            here, there = identity.get(key), theirs.get(key)
+            if key == "corpus":
+                here, there = str(here)[:12], str(there)[:12]
+            diffs.append(f"{key} {here!r} here, {there!r} in the job ({option})")
+    raise AdmissionError(f"group {group} does not match the job it joins: {'; '.join(diffs)}")
+
+
+class GroupLease:
+    """Which process holds group index ``group`` of the job: keys ``group/<I>/owner`` and ``group/<I>/beat``
+    in the job store.
+
+    The holder bumps ``beat`` every :attr:`BEAT_S` seconds. A process claiming an index with an owner
+    watches the beat for :attr:`WATCH_S`: if it moves, the owner is alive and the claim is refused
+    (two groups started with the same ``--group``); if not, the owner is gone (the group is being
+    restarted) and the index is taken over.
+    """
+
+    BEAT_S = 0.25
+    WATCH_S = 1.5
+
+    def __init__(self, store_address: str, group: int, owner: str, timeout_s: float):
+        from .quorum import connect_store
+
+        self.group = group
+        self.owner = f"{owner} [{uuid.uuid4().hex[:8]}]"
+        self._address = store_address
+        self._timeout_s = timeout_s
+        self._store = connect_store(store_address, timeout_s)
+        self._stop = threading.Event()
+        self._beating: threading.Thread | None = None
+
+    def _key(self, name: str) -> str:
+        return f"group/{self.group}/{name}"
+
+    def acquire(self) -> None:
+        """Hold the index (and keep holding it from a daemon thread); AdmissionError if a live process does."""
+        store = self._store
+        previous = store.get(self._key("owner")).decode() if store.check([self._key("owner")]) else ""
+        if previous:
+            before = store.add(self._key("beat"), 0)
+            time.sleep(self.WATCH_S)
+            if store.add(self._key("beat"), 0) != before:
+                raise AdmissionError(f"group {self.group} is already running ({previous}): two groups were "
+                                     f"started with --group {self.group}")
+        if store.compare_set(self._key("owner"), previous, self.owner).decode() != self.owner:
+            raise AdmissionError(f"group {self.group} was claimed by another process at the same time: two groups "
+                                 f"were started with --group {self.group}")
+        self._beating = threading.Thread(target=self._beat, name=f"group-{self.group}-lease", daemon=True)
+        self._beating.start()
+
+    def _beat(self) -> None:
+        from .quorum import connect_store
+
+        try:
+            store = connect_store(self._address, self._timeout_s)  # its own connection: the main one is not shared
+            while not self._stop.wait(self.BEAT_S):
+                store.add(self._key("beat"), 1)
+        except RuntimeError:  # the job store is gone: the job is over
+            return
+
+    def release(self) -> None:
+        """Stop beating (the index is free once a successor has watched the beat stand still)."""
+        self._stop.set()
+        if self._beating is not None:
+            self._beating.join(timeout=5)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_group_run_dir(cfg: TrainConfig, corpus) -> None:
+    """The run directory's config.json and corpus.json (several groups may share the directory:
+    written atomically; an existing run is joined, not refused)."""
+    from .replica import CORPUS_FILE
+
+    cfg.run_path.mkdir(parents=True, exist_ok=True)
+    _write_atomic(cfg.run_path / "config.json", cfg.to_json() + "\n")
+    _write_atomic(cfg.run_path / CORPUS_FILE, json.dumps(corpus.as_dict(), indent=2) + "\n")
+
+
+def _parser() -> OneLineErrors:
+    parser = OneLineErrors(prog="mecefo-group", description=__doc__.splitlines()[0])
+    g = parser.add_argument_group("replica group")
+    g.add_argument("--lighthouse", required=True, metavar="HOST:PORT", help="mecefo-lighthouse's address")
+    g.add_argument("--job-store", metavar="HOST:PORT", help="the job store (default: the lighthouse's port + 1)")
+    g.add_argument("--group", type=int, required=True, help="this group's index, 0 .. GROUPS-1 (its shard)")
+    g.add_argument("--groups", type=int, required=True, help="replica groups in the job (the job's --replicas)")
+    g.add_argument("--advertise", metavar="HOST",
+                   help="the address this group's servers bind and other hosts reach them at (default: "
+                        "MASTER_ADDR); gloo picks its interface from GLOO_SOCKET_IFNAME (set to lo for a "
+                        "loopback address)")
+    g.add_argument("--connect-timeout", type=float, default=60.0,
+                   help="seconds to wait for the lighthouse, the job store and the group's ranks (default "
+                        "%(default)s)")
+    add_train_arguments(parser, TrainConfig(run_dir="runs/group"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if any(a == "--replicas" or a.startswith("--replicas=") for a in argv):
+        parser.error("argument --replicas: a group job has --groups replicas")
+    if args.groups < 1 or not 0 <= args.group < args.groups:
+        parser.error(f"argument --group: must be in [0, --groups {args.groups}), got {args.group}")
+    if not args.connect_timeout > 0:
+        parser.error(f"argument --connect-timeout: must be > 0, got {args.connect_timeout}")
+    args.replicas = args.groups
+    try:
+        cfg = config_from_args(args)
+    except ValueError as e:
+        parser.config_error(e)
+    if cfg.resolved_policy.restart:
+        parser.error("argument --policy: restart (checkpoint-restart of the whole job) needs the single-host "
+                     "launcher, mecefo-train; a group job restarts groups, not the job")
+    for spec in cfg.inject:
+        try:
+            injection = parse_injection(spec, cfg.replicas)
+        except ValueError as e:
+            parser.error(str(e))
+        if injection.action == "hang":  # SIGSTOPped, it would wait for a supervisor to SIGCONT it
+            parser.error(f"--inject {spec!r}: hang needs the single-host launcher, which wakes the hung process; "
+                         "a group job takes kill only")
+    try:
+        place = rank_place()
+    except ValueError as e:
+        parser.error(str(e))
+    advertise = args.advertise or place.master_addr
+    if _is_loopback(advertise):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    os.environ.setdefault("RUST_LOG", "warn")
+    from .lighthouse import job_store_address
+
+    try:
+        job_store = args.job_store or job_store_address(args.lighthouse)
+        lighthouse = args.lighthouse if args.lighthouse.startswith("http://") else f"http://{args.lighthouse}"
+        wait_reachable(lighthouse, "lighthouse", "--lighthouse", args.connect_timeout)
+        wait_reachable(job_store, "job store", "--job-store", args.connect_timeout)
+    except (ValueError, AdmissionError) as e:
+        parser.error(str(e))
+    return _run_group(parser, cfg, args, place, lighthouse=lighthouse, job_store=job_store, advertise=advertise)
+
+
+def _run_group(parser, cfg: TrainConfig, args, place: RankPlace, *, lighthouse: str, job_store: str,
+               advertise: str) -> int:
+    from torch.distributed import PrefixStore
+
+    from .data import check_length, prepare_corpus
+    from .fencing import FENCED_EXIT_CODE, Fenced
+    from .quorum import BoundStore, connect_store
+    from .ranks import GroupFailed, IntraGroup
+    from .replica import Replica, die_with
+
+    if place.under_torchrun:  # a rank outliving its torchrun agent would hold the group index for nobody
+        die_with(os.getppid())
+    timeout_s = args.connect_timeout
+    # the rendezvous: MASTER_ADDR:MASTER_PORT is torchrun's store, or one rank 0 hosts there under srun
+    bootstrap_host = None if place.under_torchrun or place.rank != 0 else BoundStore(place.master_addr,
+                                                                                    place.master_port)
+    bootstrap = bootstrap_host.store if bootstrap_host else connect_store(
+        f"{place.master_addr}:{place.master_port}", timeout_s)
+    key = f"mecefo/attempt/{place.attempt}/group_store"
+    group_store = BoundStore(advertise) if place.rank == 0 else None  # this attempt's, fresh
+    if group_store is not None:
+        bootstrap.set(key, group_store.address)
+    store_address = bootstrap.get(key).decode()
+    # the other ranks wait here while rank 0 prepares the corpus (a first build can take a while)
+    store = connect_store(store_address, max(timeout_s, cfg.quorum_timeout_s))
+    ranks = IntraGroup.connect(PrefixStore("mecefo/intra", store), place.rank, place.world_size, cfg.timeout_s)
+
+    lease = None
+    if place.rank == 0:
+        try:
+            corpus = prepare_corpus(cfg.data, cache_dir=cfg.cache_dir, val_percent=cfg.val_percent,
+                                    data_dtype=cfg.data_dtype)
+            check_length(corpus, cfg.seq_len)
+            check_same_job(connect_store(job_store, timeout_s), job_identity(cfg, corpus.fingerprint, place.world_size),
+                           args.group)
+            lease = GroupLease(job_store, args.group, f"{socket.gethostname()} pid {os.getpid()} at {advertise}",
+                               timeout_s)
+            lease.acquire()
+            write_group_run_dir(cfg, corpus)  # admitted: nothing is written by a group that is refused
+        except (ValueError, OSError, AdmissionError) as e:
+            store.set(SETUP_KEY, str(e) or type(e).__name__)
+            if isinstance(e, ValueError):
+                parser.config_error(e)  # names the option when the error names its field
+            parser.error(str(e))
+        store.set(SETUP_KEY, "")
+    elif store.get(SETUP_KEY).decode():  # rank 0 said why on the console
+        return EXIT_USAGE
+
+    replica = None
+    try:
+        replica = Replica(cfg, args.group, lighthouse=lighthouse, barrier=job_store, ranks=ranks,
+                          group_store=store_address, advertise=advertise, device_index=place.local_rank,
+                          rejoin=place.attempt > 0, resume=cfg.resume)
+        return replica.run()
+    except Fenced as e:
+        replica.report_fenced(e)
+        return FENCED_EXIT_CODE
+    except (GroupFailed, TimeoutError) as e:
+        print(f"mecefo-group: group {args.group}: {e}", file=sys.stderr, flush=True)
+        return EXIT_GROUP_FAILED
+    finally:
+        if replica is not None:
+            replica.shutdown()
+        if lease is not None:
+            lease.release()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
