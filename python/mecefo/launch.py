@@ -481,7 +481,7 @@ def train_main(argv: list[str] | None = None) -> int:
     return _run_and_print(parser, cfg, progress)
 
 
-def _parse_config(parser: _OneLineErrors, defaults: TrainConfig, argv: list[str] | None) -> tuple[TrainConfig, bool]:
+def _parse_config(parser: OneLineErrors, defaults: TrainConfig, argv: list[str] | None) -> tuple[TrainConfig, bool]:
     """(the validated config, whether to show a progress bar); a bad value exits 2 with one line."""
     add_train_arguments(parser, defaults)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
