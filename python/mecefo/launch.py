@@ -47,7 +47,7 @@ from .config import ConfigError, TrainConfig, add_train_arguments, config_from_a
 from .data import check_length, prepare_corpus
 from .failures import injections_dir, load_schedule, parse_injection
 from .fencing import FENCED_EXIT_CODE
-from .report import EVENTS_FILE, METRICS_DIR, MetricsWriter, format_summary, plot, read_jsonl, summarize
+from .report import EVENTS_FILE, METRICS_DIR, MetricsWriter, read_jsonl, write_report
 from .replica import CHECKPOINT_DIR, CORPUS_FILE, RESTART_EXIT_CODE, RESTART_REQUEST_FILE
 
 POLL_S = 0.05
@@ -442,12 +442,8 @@ def launch(cfg: TrainConfig, *, progress: bool = False, prog: str = "mecefo") ->
 def _report(cfg: TrainConfig, end: RunEnd) -> RunResult:
     """summary.json, summary.txt and plot.png of a run that ended with ``end``."""
     with _sigint_ignored():  # the summary of an interrupted run is written whole
-        summary = summarize(cfg.run_path)
-        summary.update(complete=end.complete, end=end.reason, exit_code=end.code)
-        (cfg.run_path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        text = format_summary(summary)
-        (cfg.run_path / "summary.txt").write_text(text + "\n")
-        png = plot(cfg.run_path)
+        summary, text, png = write_report(cfg.run_path, dict(complete=end.complete, end=end.reason,
+                                                              exit_code=end.code))
     return RunResult(cfg.run_path, summary, text, png, cfg.run_path / METRICS_DIR, end.code, end)
 
 

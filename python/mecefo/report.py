@@ -63,6 +63,24 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return out
 
 
+def ranks_per_group(run_dir: str | Path) -> int:
+    """G of a group job (mecefo.group: ranks other than 0 write metrics/ranks/replica_<I>_rank_<r>.jsonl); 1 else."""
+    ranks = [int(p.stem.rsplit("_", 1)[1]) for p in (Path(run_dir) / METRICS_DIR / "ranks").glob("replica_*_rank_*.jsonl")]
+    return max(ranks, default=0) + 1
+
+
+def _group_heals(run_dir: Path, healed: list[dict], since: float) -> list[float]:
+    """Seconds of each heal (``healed``: rank 0's events) since ``since``: a group has healed when its slowest
+    rank has (the other ranks' events are in metrics/ranks)."""
+    per_heal: dict[tuple, float] = {}
+    rank_records = [r for p in sorted((run_dir / METRICS_DIR / "ranks").glob("replica_*_rank_*.jsonl"))
+                    for r in read_jsonl(p) if r.get("event") == "healed" and r.get("time", since) >= since]
+    for r in healed + rank_records:
+        key = (r["replica"], r["step"], r.get("generation", 0))
+        per_heal[key] = max(per_heal.get(key, 0.0), r["seconds"])
+    return list(per_heal.values())
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """Every replica's records, in file order per replica."""
     out = []
@@ -212,8 +230,9 @@ def summarize(run_dir: str | Path) -> dict:
         "kills": len(kills),
         "hangs": len(hangs),
         "discarded_attempts": len(events_of["discarded"]),
+        "ranks_per_group": ranks_per_group(run_dir),
         "heals": len(events_of["healed"]),
-        "heal_s_mean": _mean(r["seconds"] for r in events_of["healed"]),
+        "heal_s_mean": _mean(_group_heals(run_dir, events_of["healed"], since)),
         "detect_s_mean": _mean(detection),
         "rejoin_s_mean": _mean(rejoin),
         "job_restarts": len(job_restarts),
@@ -246,7 +265,8 @@ def format_summary(s: dict) -> str:
         rows.append(("run", "complete" if s["complete"] else f"INCOMPLETE: {s['end']}"))
     rows += [
         ("policy", s["policy"]),
-        ("replicas", s["replicas"]),
+        ("replicas", s["replicas"] if s.get("ranks_per_group", 1) == 1
+         else f"{s['replicas']} groups x {s['ranks_per_group']} ranks"),
         ("steps", f"{s['steps_done']} / {s['steps_planned']}"),
         ("training time", _fmt(s["train_seconds"], " s")),
         ("tokens/s (all steps)", _fmt(s["tokens_per_s"])),
@@ -263,7 +283,8 @@ def format_summary(s: dict) -> str:
                                       else "")),
         ("discarded step attempts", s["discarded_attempts"]),
         ("detect dead replica (kill -> quorum without it)", _fmt(s["detect_s_mean"], " s")),
-        ("heals (mean state transfer + quorum)", f"{s['heals']} ({_fmt(s['heal_s_mean'], ' s')})"),
+        ("heals (mean state transfer + quorum)", f"{s['heals']} ({_fmt(s['heal_s_mean'], ' s')})"
+         + (f", groups of {s['ranks_per_group']} ranks: the slowest rank" if s.get("ranks_per_group", 1) > 1 else "")),
         ("restart -> first step of rejoined replica", _fmt(s["rejoin_s_mean"], " s")),
         ("job restarts (mean cost)", f"{s['job_restarts']} ({_fmt(s['job_restart_s_mean'], ' s')})"),
         ("steps redone after a relaunch", s["steps_redone"]),
@@ -309,3 +330,39 @@ def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def write_report(run_dir: str | Path, extra: dict | None = None) -> tuple[dict, str, Path]:
+    """summary.json, summary.txt and plot.png in ``run_dir``; ``extra`` (how the run ended) joins the summary."""
+    run_dir = Path(run_dir)
+    summary = summarize(run_dir)
+    summary.update(extra or {})
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    text = format_summary(summary)
+    (run_dir / "summary.txt").write_text(text + "\n")
+    return summary, text, plot(run_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m mecefo.report RUN_DIR``: the summary of a run no launcher summarised (a group job under
+    torchrun / srun, or a run whose launcher was killed), written next to its metrics and printed."""
+    import argparse
+
+    from .cli import OneLineErrors
+
+    parser = OneLineErrors(prog="python -m mecefo.report", description=main.__doc__.split("\n")[0].strip("`"))
+    parser.add_argument("run_dir", help="the run's --run-dir (shared by every group of a group job)")
+    args = parser.parse_args(argv)
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.json").is_file():
+        parser.error(f"argument run_dir: {run_dir} holds no config.json: not a run directory")
+    if not list((run_dir / METRICS_DIR).glob("replica_*.jsonl")):
+        parser.error(f"argument run_dir: {run_dir / METRICS_DIR} holds no replica_*.jsonl: nothing was trained")
+    _, text, png = write_report(run_dir)
+    print(text)
+    print(f"summary       {run_dir / 'summary.json'}\nplot          {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -21,6 +21,7 @@ import torch
 from mecefo.checkpoint import checkpoint_path
 from mecefo.config import TrainConfig
 from mecefo.failures import injections_dir
+from mecefo.report import main as report_main
 from mecefo.report import read_jsonl, read_metrics
 from trainer_runs import FAST, check_replicas_agree, final_model, relative_difference, run
 
@@ -179,6 +180,15 @@ def test_a_killed_rank_fails_its_group_whose_shard_is_taken_over_and_which_heals
     assert all(r["live"] == [0, 1, 2] for r in series[back:])
     second = json.loads((injections_dir(run_dir) / "kill-40-1-step").read_text())
     assert second["step"] == heals[0]["step"] > 40, "killed again right after torchrun's restart healed it"
+    # python -m mecefo.report: the summary no launcher wrote; a group's heal lasts until its slowest rank's
+    assert report_main([str(run_dir)]) == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rank_heals = [r for r in read_jsonl(run_dir / "metrics" / "ranks" / "replica_1_rank_1.jsonl")
+                  if r.get("event") == "healed"]
+    assert summary["ranks_per_group"] == 2 and summary["heals"] == 2 and len(rank_heals) == 2
+    rank_s = {r["step"]: r["seconds"] for r in rank_heals}
+    assert summary["heal_s_mean"] == pytest.approx(sum(max(h["seconds"], rank_s[h["step"]]) for h in heals) / 2)
+    assert summary["steps_done"] == steps and (run_dir / "plot.png").is_file()
 
 
 def test_two_groups_of_two_ranks_match_four_single_rank_replicas_and_resume_exactly(tmp_path, cluster, corpus_cache):

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from mecefo.config import TrainConfig
 from mecefo.report import MetricsWriter, failure_spans, format_summary, metrics_path, plot, read_metrics, summarize
 
@@ -62,3 +64,28 @@ def test_a_relaunch_leaves_one_record_per_step_and_counts_its_own_events(tmp_pat
     assert [(r["step"], r["generation"]) for r in series] == [(0, 0), (1, 0), (2, 1), (3, 1), (4, 1)]
     summary = summarize(tmp_path)
     assert summary["steps_done"] == 5 and summary["steps_redone"] == 2 and summary["checkpoints"] == 1
+
+
+def test_report_command_summarises_a_group_job_by_its_slowest_rank(tmp_path, capsys):
+    """python -m mecefo.report RUN_DIR: a group job (no launcher) gets summary.json / .txt / plot.png; a heal of
+    group 1 (2 ranks) lasts as long as its slower rank's; a directory that is not a run is one line, exit 2."""
+    from mecefo.report import main, ranks_per_group
+
+    TrainConfig(run_dir=str(tmp_path), replicas=2, steps=4).save(tmp_path / "config.json")
+    assert ranks_per_group(tmp_path) == 1
+    writer, rank1 = MetricsWriter(metrics_path(tmp_path, 0)), MetricsWriter(metrics_path(tmp_path, 1))
+    other = MetricsWriter(tmp_path / "metrics" / "ranks" / "replica_1_rank_1.jsonl")
+    for step in range(4):
+        writer.write(**record(step, 0, [0, 1]), time=100.0 + step)
+    rank1.write(event="healed", replica=1, step=2, seconds=0.5, time=102.0)
+    other.write(event="healed", replica=1, step=2, seconds=1.25, time=102.1)
+    for w in (writer, rank1, other):
+        w.close()
+    assert ranks_per_group(tmp_path) == 2
+    assert main([str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["heals"] == 1 and summary["heal_s_mean"] == 1.25 and summary["steps_done"] == 4
+    assert "2 groups x 2 ranks" in capsys.readouterr().out and (tmp_path / "plot.png").is_file()
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path / "absent")])
+    assert exit_.value.code == 2 and capsys.readouterr().err.count("\n") == 1
