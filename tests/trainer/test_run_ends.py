@@ -96,11 +96,18 @@ def test_an_aborted_run_says_so_and_writes_its_summary(tmp_path, corpus_cache):
 
 # ---------------------------------------------------------------------------- the command line
 
+def _as_in_a_terminal() -> None:
+    """Ctrl-C's default disposition in the child, as a terminal's foreground command has it: a test suite
+    started in the background by a non-interactive shell (`make test &`, nohup, some CI runners) ignores
+    SIGINT, every child inherits that, and Python then installs no KeyboardInterrupt handler at all."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def mecefo_train(*args: str, **kwargs) -> subprocess.Popen:
-    """The console script, as pyproject.toml defines it (mecefo.cli)."""
+    """The console script, as pyproject.toml defines it (mecefo.cli), started as from a terminal."""
     return subprocess.Popen([sys.executable, "-c", "import sys; from mecefo.cli import train_main; "
                              "sys.exit(train_main())", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, **kwargs)
+                            text=True, preexec_fn=_as_in_a_terminal, **kwargs)
 
 
 def finish(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:

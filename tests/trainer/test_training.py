@@ -150,8 +150,9 @@ def test_approximating_policy_replays_exactly_through_a_kill(tmp_path, corpus_ca
 
 AWKWARD = {  # injections, steps, restart the dead this many steps later, most replicas down at once
     # 2 dies; in the new quorum that drops it, 1 dies before the process group is rebuilt (the
-    # others block in the rebuild until the timeout): two replicas down at once, both come back
-    "quorum": (["kill@6:2", "kill@6:1:quorum"], 80, 10, 2),
+    # others block in the rebuild until the timeout): two replicas down at once, both come back (a
+    # restarted replica takes ~8 s to start, the survivors ~0.1 s a step: they must not finish first)
+    "quorum": (["kill@6:2", "kill@6:1:quorum"], 200, 10, 2),
     # dies with its gradient all-reduce posted but not complete
     "allreduce": (["kill@6:1:allreduce"], 60, 0, 1),
     # replica 2 dies; when it rejoins, the replica sending it the state dies mid-transfer
