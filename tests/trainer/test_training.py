@@ -150,9 +150,11 @@ def test_approximating_policy_replays_exactly_through_a_kill(tmp_path, corpus_ca
 
 AWKWARD = {  # injections, steps, restart the dead this many steps later, most replicas down at once
     # 2 dies; in the new quorum that drops it, 1 dies before the process group is rebuilt (the
-    # others block in the rebuild until the timeout): two replicas down at once, both come back (a
-    # restarted replica takes ~8 s to start, the survivors ~0.1 s a step: they must not finish first)
-    "quorum": (["kill@6:2", "kill@6:1:quorum"], 200, 10, 2),
+    # others block in the rebuild until the timeout): two replicas down at once, both come back. A
+    # restarted replica takes ~8 s to start, the survivors ~0.1 s a step: they must not finish first
+    # (at 80 steps they did, and the late replicas were fenced). Past ~130 steps this trajectory
+    # amplifies the rounding of the two summation orders from 1e-16 to 1e-9: keep the run short.
+    "quorum": (["kill@6:2", "kill@6:1:quorum"], 120, 1, 2),
     # dies with its gradient all-reduce posted but not complete
     "allreduce": (["kill@6:1:allreduce"], 60, 0, 1),
     # replica 2 dies; when it rejoins, the replica sending it the state dies mid-transfer
@@ -169,8 +171,15 @@ def test_failures_at_awkward_moments_lose_no_step_and_apply_none_twice(tmp_path,
                       restart_after=restart_after)
     result = run(cfg)
     series = check_replicas_agree(cfg.run_path, cfg.steps)
-    # a lost or doubly applied step would change the trajectory: it equals full-batch training
-    assert relative_difference(final_model(cfg.run_path), full_batch_reference(cfg.run_path).state) < 1e-12
+    # a lost or doubly applied step changes the trajectory at once (an AdamW step at lr 1e-3): every step's
+    # loss equals full-batch training's up to float64 rounding of the other summation orders, ~1e-16 through
+    # the failures and rejoins; later, some trajectories amplify it (seen: 3e-11 at the last of 120 steps,
+    # 3e-9 after 200), so the bound is tight until 5 steps after the last membership change, loose after
+    reference = full_batch_reference(cfg.run_path)
+    error = [abs(r["loss"] - ref) / abs(ref) for r, ref in zip(series, reference.losses, strict=True)]
+    settled = max(i for i in range(1, len(series)) if series[i]["live"] != series[i - 1]["live"]) + 5
+    assert max(error[:settled]) < 1e-12 and max(error) < 1e-7
+    assert relative_difference(final_model(cfg.run_path), reference.state) < 1e-7
     fired = sorted((f["action"], f["phase"]) for f in json_records(cfg.run_path / "injections"))
     assert fired == sorted((i.split("@")[0], i.split("=")[0].split(":")[2] if i.count(":") > 1 else "step")
                            for i in inject), "every injection fired, at its phase"
