@@ -802,26 +802,29 @@ def quality_variants(quality: QualityModel) -> list[str]:
     return out
 
 
+def _print_by_scenario(rows: list[dict], key: str, names, title: str, width: int, column: int, cell) -> None:
+    """One line per ``rows[key]`` value in ``names``, one ``column``-wide cell per scenario (in the rows' order)."""
+    scenarios = list(dict.fromkeys(r["scenario"] for r in rows))
+    print(title)
+    print(f"{key:<{width}}" + "".join(f"{s:>{column}}" for s in scenarios))
+    for name in names:
+        cells = [next(r for r in rows if r["scenario"] == s and r[key] == name) for s in scenarios]
+        print(f"{name:<{width}}" + "".join(cell(c) for c in cells))
+
+
 def print_drops(result: dict, ns) -> None:
     for n in ns:
-        rows = [r for r in result["drops"] if r["n"] == n]
-        scenarios = list(dict.fromkeys(r["scenario"] for r in rows))
-        print(f"n={n}: throughput drop, mean [min, max] over seeds")
-        print(f"{'policy':<20}" + "".join(f"{s:>24}" for s in scenarios))
-        for policy in SIMULATED:
-            cells = [next(r for r in rows if r["scenario"] == s and r["policy"] == policy) for s in scenarios]
-            print(f"{policy:<20}" + "".join(f"{c['drop_pct']:>9.2f}% [{c['low']:5.2f},{c['high']:5.2f}]" for c in cells))
+        _print_by_scenario([r for r in result["drops"] if r["n"] == n], "policy", SIMULATED,
+                           f"n={n}: throughput drop, mean [min, max] over seeds", 20, 24,
+                           lambda c: f"{c['drop_pct']:>9.2f}% [{c['low']:5.2f},{c['high']:5.2f}]")
 
 
 def print_ttq(result: dict, ns) -> None:
     for n in ns:
         rows = [r for r in result["ttq"] if r["n"] == n]
-        scenarios = list(dict.fromkeys(r["scenario"] for r in rows))
-        print(f"n={n}: wall clock to the failure-free run's final validation loss, x the failure-free job's")
-        print(f"{'variant':<28}" + "".join(f"{s:>12}" for s in scenarios))
-        for variant in dict.fromkeys(r["variant"] for r in rows):
-            cells = [next(r for r in rows if r["scenario"] == s and r["variant"] == variant) for s in scenarios]
-            print(f"{variant:<28}" + "".join(f"{c['time_ratio']:>11.3f}x" for c in cells))
+        _print_by_scenario(rows, "variant", dict.fromkeys(r["variant"] for r in rows),
+                           f"n={n}: wall clock to the failure-free run's final validation loss, x the failure-free "
+                           "job's", 28, 12, lambda c: f"{c['time_ratio']:>11.3f}x")
 
 
 def load_quality(path: Path) -> QualityModel | None:

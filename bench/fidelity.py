@@ -523,6 +523,17 @@ POLICY_COLORS = {"mecefo": "tab:blue", "ndb-exact": "tab:green", "shrink": "tab:
                  "spread-orphan": "tab:purple", "mecefo:momentum": "tab:cyan", "spread-orphan:momentum": "tab:pink"}
 
 
+def _save_figure(fig, out: Path) -> Path:
+    """Lay out, write (creating the folder) and close a page figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
 def plot_quality(result: dict, out: Path) -> Path:
     import matplotlib
 
@@ -557,11 +568,7 @@ def plot_quality(result: dict, out: Path) -> Path:
         top.set_ylim(min(ref_smooth) - 0.1, ref_smooth[min(window, len(ref_smooth) - 1)] + 0.2)  # past the first drop
     axes[0][0].legend(fontsize=8)
     axes[1][0].legend(fontsize=8)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save_figure(fig, out)
 
 
 def plot_probe(profile: Profile, result: dict, out: Path) -> Path:
@@ -607,11 +614,7 @@ def plot_probe(profile: Profile, result: dict, out: Path) -> Path:
         ax.set_ylabel("relative error")
         ax.set_ylim(0, 1.05)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save_figure(fig, out)
 
 
 # ---- the results page ------------------------------------------------------------------------------
@@ -828,11 +831,7 @@ def plot_ttq(t: dict, out: Path) -> Path:
         ax.set_title(f"high schedule, {src} costs")
         ax.set_ylim(0.9, min(3.0, max(r["time_ratio"] for r in t["ttq"] if r["source"] == src) * 1.05))
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save_figure(fig, out)
 
 
 def verdict(mean: float, sd: float, n: int, bound: float) -> str:
