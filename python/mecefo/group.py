@@ -43,7 +43,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .cli import EXIT_USAGE, OneLineErrors
+from .command import EXIT_USAGE, OneLineErrors
 from .config import TrainConfig, add_train_arguments, config_from_args
 from .failures import parse_injection
 

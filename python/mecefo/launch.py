@@ -42,7 +42,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .checkpoint import checkpoint_path
-from .cli import EXIT_INTERRUPTED, OneLineErrors
+from .command import EXIT_INTERRUPTED, OneLineErrors
 from .config import ConfigError, TrainConfig, add_train_arguments, config_from_args
 from .data import check_length, prepare_corpus
 from .failures import injections_dir, load_schedule, parse_injection

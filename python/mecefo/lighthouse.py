@@ -20,7 +20,7 @@ import signal
 import sys
 import threading
 
-from .cli import OneLineErrors
+from .command import OneLineErrors
 
 os.environ.setdefault("RUST_LOG", "warn")  # torchft's Rust servers log every quorum at info
 

@@ -23,6 +23,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from .command import OneLineErrors
 from .failures import fired_injections, unfired_injections
 
 METRICS_DIR = "metrics"
@@ -346,10 +347,6 @@ def write_report(run_dir: str | Path, extra: dict | None = None) -> tuple[dict, 
 def main(argv: list[str] | None = None) -> int:
     """``python -m mecefo.report RUN_DIR``: the summary of a run no launcher summarised (a group job under
     torchrun / srun, or a run whose launcher was killed), written next to its metrics and printed."""
-    import argparse
-
-    from .cli import OneLineErrors
-
     parser = OneLineErrors(prog="python -m mecefo.report", description=main.__doc__.split("\n")[0].strip("`"))
     parser.add_argument("run_dir", help="the run's --run-dir (shared by every group of a group job)")
     args = parser.parse_args(argv)
