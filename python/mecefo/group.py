@@ -49,8 +49,10 @@ from .failures import parse_injection
 
 EXIT_GROUP_FAILED = 1  # a rank of this group is gone: restart the whole group
 # TrainConfig fields a group may set for itself: where it writes, its threads, how it is supervised
+# and where its data comes from: the corpus is compared by its tokens' fingerprint (job_identity)
 LOCAL_FIELDS = frozenset({"run_dir", "cache_dir", "data", "threads", "resume", "max_wall_s", "inject",
-                          "restart_after", "max_restarts", "hash_state"})
+                          "restart_after", "max_restarts", "hash_state", "tokenizer", "text_field",
+                          "tokenize_workers"})
 SETUP_KEY = "mecefo/setup"  # in the group's store: rank 0's verdict on the start-up, for the other ranks
 
 
@@ -323,7 +325,8 @@ def _run_group(parser, cfg: TrainConfig, args, place: RankPlace, *, lighthouse: 
     if place.rank == 0:
         try:
             corpus = prepare_corpus(cfg.data, cache_dir=cfg.cache_dir, val_percent=cfg.val_percent,
-                                    data_dtype=cfg.data_dtype)
+                                    data_dtype=cfg.data_dtype, tokenizer=cfg.tokenizer, text_field=cfg.text_field,
+                                    workers=cfg.tokenize_workers, progress=True)
             check_length(corpus, cfg.seq_len)
             check_same_job(connect_store(job_store, timeout_s), job_identity(cfg, corpus.fingerprint, place.world_size),
                            args.group)
@@ -331,7 +334,7 @@ def _run_group(parser, cfg: TrainConfig, args, place: RankPlace, *, lighthouse: 
                                timeout_s)
             lease.acquire()
             write_group_run_dir(cfg, corpus)  # admitted: nothing is written by a group that is refused
-        except (ValueError, OSError, AdmissionError) as e:
+        except (ValueError, OSError, ImportError, AdmissionError) as e:
             store.set(SETUP_KEY, str(e) or type(e).__name__)
             if isinstance(e, ValueError):
                 parser.config_error(e)  # names the option when the error names its field
