@@ -42,8 +42,8 @@ import numpy as np
 import torch
 
 from .documents import TEXT, Source, check_sources, find_sources, iter_records
-from .tokenizing import (SAMPLE_DOCUMENTS, NoDocuments, TokenizerInfo, check_tokenizer_dir, default_workers, load_tokenizer,
-                         tokenise_documents, token_dtype, tokenizer_identity, tokenizer_info)
+from .tokenizing import (SAMPLE_DOCUMENTS, NoDocuments, TokenizerInfo, check_tokenizer_dir, default_workers,
+                         load_tokenizer, tokenise_documents, token_dtype, tokenizer_identity, tokenizer_info)
 
 BYTE_VOCAB = 256
 _TEST_DIRS = {"test", "tests", "idle_test"}
@@ -338,8 +338,8 @@ class Batches:
 
     def __init__(self, corpus: CorpusFiles, *, seq_len: int, micro_batch: int, seed: int, vocab_size: int):
         if corpus.vocab > vocab_size and corpus.tokenizer is not None:
-            raise ValueError(f"the tokenizer {corpus.tokenizer} has {corpus.vocab} tokens but the model's vocabulary is "
-                             f"{vocab_size}: use a model whose vocabulary holds the tokenizer's")
+            raise ValueError(f"the tokenizer {corpus.tokenizer} has {corpus.vocab} tokens but the model's vocabulary "
+                             f"is {vocab_size}: use a model whose vocabulary holds the tokenizer's")
         if corpus.vocab > vocab_size:
             raise ValueError(f"the corpus has token ids up to {corpus.vocab - 1} but the model's vocabulary "
                              f"is {vocab_size}; choose a preset with a larger vocabulary")

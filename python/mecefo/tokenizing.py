@@ -161,6 +161,21 @@ class _tokenizers_parallelism_off:
             os.environ["TOKENIZERS_PARALLELISM"] = self.before
 
 
+class NoDocuments(ValueError):
+    """The sources held no document (only empty ones, or none at all)."""
+
+
+@dataclass
+class EncodedChunk:
+    """A chunk of documents, encoded: ``tokens`` all documents' tokens end to end; per document its
+    ``lengths``, whether it is ``in_val``, and its ``keys`` (the split's tie-breaker)."""
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    in_val: np.ndarray
+    keys: np.ndarray
+
+
 class Encoder:
     """Documents to token ids in a worker: the Rust tokenizer, transformers' tokenizer, or bytes (None)."""
 
@@ -186,7 +201,7 @@ class Encoder:
         encoded = self.hf(texts, add_special_tokens=True, return_attention_mask=False, verbose=False)
         return [list(ids) for ids in encoded["input_ids"]]
 
-    def chunk(self, texts: list[str], val_percent: float) -> "EncodedChunk":
+    def chunk(self, texts: list[str], val_percent: float) -> EncodedChunk:
         if self.info is None:
             parts = [np.frombuffer(t.encode("utf-8") + bytes(BYTE_SEPARATOR), np.uint8) for t in texts]
         else:
@@ -198,21 +213,6 @@ class Encoder:
             lengths=np.array([len(p) for p in parts], dtype=np.int64),
             in_val=np.array([int(d[:8], 16) % 10000 < val_percent * 100 for d in digests], dtype=bool),
             keys=np.array([int(d[:16], 16) for d in digests], dtype=np.uint64))
-
-
-class NoDocuments(ValueError):
-    """The sources held no document (only empty ones, or none at all)."""
-
-
-@dataclass
-class EncodedChunk:
-    """A chunk of documents, encoded: ``tokens`` all documents' tokens end to end; per document its
-    ``lengths``, whether it is ``in_val``, and its ``keys`` (the split's tie-breaker)."""
-
-    tokens: np.ndarray
-    lengths: np.ndarray
-    in_val: np.ndarray
-    keys: np.ndarray
 
 
 _worker: tuple[Encoder, float] | None = None
@@ -261,20 +261,19 @@ class SplitWriter:
         self.mover: dict[bool, tuple[int, int, int] | None] = {False: None, True: None}
 
     def add(self, chunk: EncodedChunk) -> None:
-        starts = np.cumsum(chunk.lengths) - chunk.lengths
+        token_in_val = np.repeat(chunk.in_val, chunk.lengths)
         for val in (False, True):
             docs = np.flatnonzero(chunk.in_val == val)
             if not len(docs):
                 continue
-            pieces = [chunk.tokens[starts[i]:starts[i] + chunk.lengths[i]] for i in docs]
-            offsets = self.tokens[val] + np.cumsum(chunk.lengths[docs]) - chunk.lengths[docs]
-            pick = int(np.argmax(chunk.keys[docs]) if val else np.argmin(chunk.keys[docs]))
-            candidate = (int(chunk.keys[docs[pick]]), int(offsets[pick]), int(chunk.lengths[docs[pick]]))
+            lengths, keys = chunk.lengths[docs], chunk.keys[docs]
+            pick = int(np.argmax(keys) if val else np.argmin(keys))
+            offset = self.tokens[val] + int(lengths[:pick].sum())
             best = self.mover[val]
-            if best is None or (candidate[0] > best[0] if val else candidate[0] < best[0]):
-                self.mover[val] = candidate
-            np.concatenate(pieces).tofile(self.files[val])
-            self.tokens[val] += int(chunk.lengths[docs].sum())
+            if best is None or (keys[pick] > best[0] if val else keys[pick] < best[0]):
+                self.mover[val] = (int(keys[pick]), offset, int(lengths[pick]))
+            chunk.tokens[token_in_val == val].tofile(self.files[val])
+            self.tokens[val] += int(lengths.sum())
             self.documents[val] += len(docs)
 
     def close(self) -> None:

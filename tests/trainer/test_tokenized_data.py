@@ -410,3 +410,10 @@ def test_command_line_errors_are_one_line(args, message, bpe_tokenizer, tmp_path
         message = message.replace(key, value)
     assert exit_.value.code == 2 and err.startswith(f"mecefo-train: error: {message}") and err.count("\n") == 1, err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_missing_library_names_the_extra(tmp_path, monkeypatch):
+    (tmp_path / "x.parquet").write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"needs pyarrow: pip install 'mecefo_kernels\[data\]'"):
+        prepare_corpus([str(tmp_path / "x.parquet")], cache_dir=tmp_path / "cache")
