@@ -215,6 +215,16 @@ def test_a_vocabulary_beyond_uint16(tmp_path):
         Batches(corpus, seq_len=16, micro_batch=4, seed=0, vocab_size=32_000)
 
 
+def test_a_tokenised_bin_with_its_tokenizer(bpe_tokenizer, tmp_path):
+    path = tmp_path / "tokens.bin"
+    (np.arange(3000) % 400).astype(np.uint16).tofile(path)
+    corpus = prepare_corpus([str(path)], cache_dir=tmp_path / "cache", tokenizer=str(bpe_tokenizer))
+    assert (corpus.vocab, corpus.eos, corpus.tokenizer) == (400, EOS, str(bpe_tokenizer))
+    (np.arange(3001) % 401).astype(np.uint16).tofile(path)  # another size: another cache key
+    with pytest.raises(ValueError, match="token id 400 is not in --tokenizer .* \\(vocabulary 400\\)"):
+        prepare_corpus([str(path)], cache_dir=tmp_path / "cache", tokenizer=str(bpe_tokenizer))
+
+
 def test_old_corpus_json_still_loads(tmp_path):
     old = dict(train="t", val="v", dtype="uint8", vocab=256, fingerprint="f", description="d")
     corpus = CorpusFiles(**old)
