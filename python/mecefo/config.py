@@ -48,9 +48,13 @@ class TrainConfig:
     reduce_dtype: str = "float32"
     seed: int = 0
     device: str = "cpu"  # cpu, or cuda (replica i on GPU i mod the GPU count)
-    # data: "stdlib" (embedded corpus), text files / directories, or one tokenised .bin file
+    # data: "stdlib" (embedded corpus), text files / directories, or one tokenised .bin file; with a tokenizer
+    # also JSON Lines, Parquet, Arrow files and datasets save_to_disk directories (mecefo.documents)
     data: list[str] = field(default_factory=lambda: ["stdlib"])
     data_dtype: str = "uint16"  # element type of a tokenised .bin file
+    tokenizer: str | None = None  # a local tokenizer directory (None: byte-level)
+    text_field: str = "text"  # the field of a record (JSON Lines, Parquet, Arrow, datasets) that holds its text
+    tokenize_workers: int | None = None  # processes that tokenise the corpus once (None: one per CPU core)
     val_percent: float = 5.0
     seq_len: int = 64
     micro_batch: int = 4  # sequences per forward/backward
@@ -142,6 +146,10 @@ class TrainConfig:
                                          f"{get_preset(self.model_name).max_seq_len}")
         if self.min_replicas > self.replicas:
             raise ConfigError("min_replicas", f"min_replicas {self.min_replicas} exceeds replicas {self.replicas}")
+        if self.tokenize_workers is not None and self.tokenize_workers < 1:
+            raise ConfigError("tokenize_workers", f"tokenize_workers must be >= 1, got {self.tokenize_workers}")
+        if not self.text_field:
+            raise ConfigError("text_field", "text_field must name a field, got ''")
         if not 0 < self.val_percent < 100:
             raise ConfigError("val_percent", f"val_percent must be in (0, 100), got {self.val_percent}")
         if self.rank is not None and (self.rank <= 0 or (isinstance(self.rank, float) and self.rank > 1)):
@@ -242,9 +250,19 @@ def add_train_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig) 
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--data", nargs="+", default=d.data, metavar="SRC",
                    help="'stdlib' (the Python standard library's sources, byte-level; no download), "
-                        "text files / directories (byte-level), or one tokenised .bin file")
+                        "text files / directories (byte-level), or one tokenised .bin file; JSON Lines (.jsonl), "
+                        "Parquet (.parquet), Arrow (.arrow) files and datasets save_to_disk directories give one "
+                        "document per record (tokenised with --tokenizer, else byte-level)")
     g.add_argument("--data-dtype", default=d.data_dtype, choices=("uint8", "uint16", "int32"),
                    help="element type of a tokenised .bin file")
+    g.add_argument("--tokenizer", default=d.tokenizer, metavar="DIR",
+                   help="a local Hugging Face tokenizer directory (read offline): --data is tokenised with it once, "
+                        "into the corpus cache, the tokenizer's EOS after each document")
+    g.add_argument("--text-field", default=d.text_field, metavar="FIELD",
+                   help="the field of a JSON Lines / Parquet / Arrow / datasets record that holds its text "
+                        "(default %(default)s)")
+    g.add_argument("--tokenize-workers", type=int, default=d.tokenize_workers, metavar="N",
+                   help="processes that tokenise the corpus (default: one per CPU core)")
     g.add_argument("--val-percent", type=float, default=d.val_percent)
     g.add_argument("--seq-len", type=int, default=d.seq_len)
     g.add_argument("--micro-batch", type=int, default=d.micro_batch,

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else run_dir / "export" / f"step_{step:08d}"
     try:
         source = resolve_model_source(cfg, corpus_vocab=corpus.vocab,
-                                      tokenised=getattr(corpus, "tokenizer", None) is not None)
+                                      tokenised=corpus.tokenizer is not None)
         export_model(state["model"], cfg, out, source=source, step=step,
                      lineage=state.get("trainer", {}).get("lineage"))
     except (ValueError, OSError) as e:

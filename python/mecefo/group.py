@@ -49,10 +49,11 @@ from .failures import parse_injection
 
 EXIT_GROUP_FAILED = 1  # a rank of this group is gone: restart the whole group
 # TrainConfig fields a group may set for itself: where it writes, its threads, how it is supervised
-# (where the model and data are read from may differ per host: they are compared by content, model_identity
-# and the corpus fingerprint)
+# and where the model and data come from: they are compared by content (job_identity: the model's identity,
+# the corpus's tokens' fingerprint)
 LOCAL_FIELDS = frozenset({"run_dir", "cache_dir", "data", "model", "threads", "resume", "max_wall_s", "inject",
-                          "restart_after", "max_restarts", "hash_state"})
+                          "restart_after", "max_restarts", "hash_state", "tokenizer", "text_field",
+                          "tokenize_workers"})
 SETUP_KEY = "mecefo/setup"  # in the group's store: rank 0's verdict on the start-up, for the other ranks
 
 
@@ -330,7 +331,8 @@ def _run_group(parser, cfg: TrainConfig, args, place: RankPlace, *, lighthouse: 
     if place.rank == 0:
         try:
             corpus = prepare_corpus(cfg.data, cache_dir=cfg.cache_dir, val_percent=cfg.val_percent,
-                                    data_dtype=cfg.data_dtype)
+                                    data_dtype=cfg.data_dtype, tokenizer=cfg.tokenizer, text_field=cfg.text_field,
+                                    workers=cfg.tokenize_workers, progress=True)
             check_length(corpus, cfg.seq_len)
             model = check_model(cfg, corpus)
             check_same_job(connect_store(job_store, timeout_s),
@@ -339,7 +341,7 @@ def _run_group(parser, cfg: TrainConfig, args, place: RankPlace, *, lighthouse: 
                                timeout_s)
             lease.acquire()
             write_group_run_dir(cfg, corpus, model)  # admitted: nothing is written by a group that is refused
-        except (ValueError, OSError, AdmissionError) as e:
+        except (ValueError, OSError, ImportError, AdmissionError) as e:
             store.set(SETUP_KEY, str(e) or type(e).__name__)
             if isinstance(e, ValueError):
                 parser.config_error(e)  # names the option when the error names its field

@@ -393,8 +393,9 @@ def _sigint_ignored():
         signal.signal(signal.SIGINT, previous)
 
 
-def prepare_run_dir(cfg: TrainConfig) -> None:
-    """Check everything a run needs before any process starts, then write the run directory.
+def prepare_run_dir(cfg: TrainConfig, *, progress: bool = False) -> None:
+    """Check everything a run needs before any process starts, then write the run directory (``progress``:
+    a progress bar while a corpus is tokenised).
 
     Bad input raises :class:`ConfigError` naming the option (``field``): injections, the failure
     schedule, the data (and that it holds a sequence of ``seq_len``), the model (a directory that is
@@ -421,9 +422,12 @@ def prepare_run_dir(cfg: TrainConfig) -> None:
                               "--run-dir")
     try:
         corpus = prepare_corpus(cfg.data, cache_dir=cfg.cache_dir, val_percent=cfg.val_percent,
-                                data_dtype=cfg.data_dtype)
+                                data_dtype=cfg.data_dtype, tokenizer=cfg.tokenizer, text_field=cfg.text_field,
+                                workers=cfg.tokenize_workers, progress=progress)
         check_length(corpus, cfg.seq_len)
-    except (ValueError, OSError) as e:
+    except ConfigError:  # names its own option (--tokenizer, --text-field)
+        raise
+    except (ValueError, OSError, ImportError) as e:  # ImportError: a format's library is not installed
         raise ConfigError("data", str(e)) from None
     identity = check_model(cfg, corpus)
     try:
@@ -441,7 +445,7 @@ def launch(cfg: TrainConfig, *, progress: bool = False, prog: str = "mecefo") ->
     Bad input raises (:func:`prepare_run_dir`) before anything starts. Once the run has started
     every end returns a result (``returncode``, ``end``) with ``summary.json`` written.
     """
-    prepare_run_dir(cfg)
+    prepare_run_dir(cfg, progress=progress)
     return _report(cfg, Supervisor(cfg, progress=progress, prog=prog).run())
 
 
@@ -502,7 +506,7 @@ def _run_and_print(parser: OneLineErrors, cfg: TrainConfig, progress: bool) -> i
     started = time.time()
     try:
         try:
-            prepare_run_dir(cfg)
+            prepare_run_dir(cfg, progress=progress)
         except (ValueError, OSError) as e:
             parser.config_error(e)
         supervisor = Supervisor(cfg, progress=progress, prog=parser.prog)

@@ -230,9 +230,19 @@ def build_model(cfg: TrainConfig, device: torch.device | str = "cpu", source: Mo
 
 def meta_model(cfg: TrainConfig, source: ModelSource) -> nn.Module:
     """The model's structure without memory (on the meta device), to check it before anything trains."""
+    if source.kind == FACTORY:
+        factory = load_factory(source.name)
+        try:
+            with torch.device("meta"):
+                model = factory()
+        except Exception:  # noqa: BLE001  (a factory that insists on real tensors: build it for real, once)
+            torch.manual_seed(cfg.seed)
+            model = factory()
+        if not isinstance(model, nn.Module):
+            raise _error("model_factory", f"--model-factory {source.name} returned {type(model).__name__}, not a "
+                                          "torch.nn.Module")
+        return model
     with torch.device("meta"):
-        if source.kind == FACTORY:
-            return load_factory(source.name)()
         if source.kind == PRESET:
             from transformers import LlamaForCausalLM
 
@@ -354,18 +364,19 @@ def export_model(state: dict[str, torch.Tensor], cfg: TrainConfig, out: str | Pa
     if source.kind == FACTORY:
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
+        # (clones: safetensors refuses tensors that share memory, e.g. tied embeddings)
+        save_file({k: v.clone().contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
     else:
         model = meta_model(cfg, source)
         model.load_state_dict(state, assign=True, strict=True)
         model.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer = getattr(cfg, "tokenizer", None)
+        tokenizer = cfg.tokenizer
         if tokenizer:
             from transformers import AutoTokenizer
 
             AutoTokenizer.from_pretrained(tokenizer, local_files_only=True).save_pretrained(str(tmp))
     marker = {"step": step, "lineage": lineage, "source": source.kind, "model": source.name,
-              "architecture": source.architecture, "init": source.init, "tokenizer": getattr(cfg, "tokenizer", None),
+              "architecture": source.architecture, "init": source.init, "tokenizer": cfg.tokenizer,
               "loadable_with": "torch state dict (safetensors)" if source.kind == FACTORY
               else "transformers AutoModelForCausalLM.from_pretrained"}
     (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
@@ -381,7 +392,7 @@ def check_model(cfg: TrainConfig, corpus) -> dict:
     """Everything about the model a run needs, checked before any replica starts (ConfigError naming the
     option otherwise): the source resolves, the policy can run on it, its vocabulary holds the corpus's
     tokens, its context holds ``seq_len``. Returns the model's identity (:func:`model_identity`)."""
-    tokenised = getattr(corpus, "tokenizer", None) is not None
+    tokenised = corpus.tokenizer is not None
     source = resolve_model_source(cfg, corpus_vocab=corpus.vocab, tokenised=tokenised)
     check_policy_supported(cfg, source)
     vocab = source.vocab_size if source.kind != FACTORY else model_vocab(meta_model(cfg, source))

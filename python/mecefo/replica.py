@@ -115,7 +115,7 @@ class Replica:
         self.policy = cfg.resolved_policy
         self.path = neighbor_path(self.policy, rank=cfg.rank, tau=cfg.tau, basis=cfg.basis)
         self.source = resolve_model_source(cfg, corpus_vocab=corpus.vocab,
-                                           tokenised=getattr(corpus, "tokenizer", None) is not None)
+                                           tokenised=corpus.tokenizer is not None)
         self.model_identity = json.loads((self.run_dir / MODEL_FILE).read_text())
         self.costs = work_costs(cfg, self.source)
         self.model = self.path.prepare(build_model(cfg, self.device, self.source))
