@@ -37,7 +37,7 @@ info: venv
 	$(BIN)/python -m mecefo_kernels.info
 
 bench: venv
-	$(BIN)/python bench/kernels.py
+	$(BIN)/python bench/kernel_bench.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info mecefo_kernels/_C*.so mecefo_kernels/_build_info.json

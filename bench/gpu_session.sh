@@ -18,7 +18,7 @@
 #             calls under TRITON_INTERPRET=1, no sanitizer)
 #   gemm      bench/gemm.py: autotuned TFLOP/s of every GEMM-bearing Triton kernel next to torch.mm
 #             at the same shapes (llama-1b, llama-7b, 8192 tokens, bf16; then fp32 as TF32)
-#   kernels   bench/kernels.py, one op per run (a timeout loses one op's rows, not all), bf16
+#   kernels   bench/kernel_bench.py, one op per run (a timeout loses one op's rows, not all), bf16
 #   step      bench/step.py at llama-350m, llama-1b and a 4-layer llama-7b slice, seq 2048, bf16
 #   cluster   bench/cluster.py simulate from this GPU's step rows (the trainer's restart, detection
 #             and heal costs come from the committed CPU rows: torchft is not on the GPU image)
@@ -130,10 +130,10 @@ run_stage gemm 60 "$PYTHON" bench/gemm.py --csv "$CSV" "${GEMM_ARGS[@]}"
 run_stage gemm-tf32 45 "$PYTHON" bench/gemm.py --csv "$CSV" "${GEMM_TF32_ARGS[@]}"
 
 for op in rmsnorm swiglu swiglu_ffn lowrank_linear residual_skip; do
-    run_stage "kernels-$op" 60 "$PYTHON" bench/kernels.py --csv "$CSV" --ops "$op" --presets "${KERNEL_PRESETS[@]}" \
+    run_stage "kernels-$op" 60 "$PYTHON" bench/kernel_bench.py --csv "$CSV" --ops "$op" --presets "${KERNEL_PRESETS[@]}" \
         --tokens "${KERNEL_TOKENS[@]}" --rep-ms "$KERNEL_REP_MS"
 done
-run_stage kernels-lowrank_basis 40 "$PYTHON" bench/kernels.py --csv "$CSV" --ops lowrank_basis \
+run_stage kernels-lowrank_basis 40 "$PYTHON" bench/kernel_bench.py --csv "$CSV" --ops lowrank_basis \
     --presets "${BASIS_PRESETS[@]}" --rep-ms "$KERNEL_REP_MS"
 
 for preset in "${STEP_PRESETS[@]}"; do

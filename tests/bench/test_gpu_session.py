@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
-import kernels  # noqa: E402
+import kernel_bench  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "gpu_session.sh"
 
@@ -23,7 +23,7 @@ def test_runs_every_kernel_op():
     text = SCRIPT.read_text()
     ops = set(re.search(r"for op in ([\w ]+); do", text).group(1).split())
     ops |= set(re.findall(r"--ops (\w+)", text))
-    assert ops == set(kernels.OPS)
+    assert ops == set(kernel_bench.OPS)
 
 
 def test_sanitizes_and_times_the_gemm_kernels():
