@@ -53,8 +53,10 @@ SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
 if [ "$DRY_RUN" = 1 ]; then
     PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
-    # toy sizes on a CPU that other jobs may share: the limits only catch a hang
+    # toy sizes on a CPU that other jobs may share: the limits only catch a hang, and one thread per
+    # process (a loaded CPU made step-tiny's two OpenMP threads wait on each other: 9 s -> over 180 s)
     BUDGET_S="${BUDGET_S:-1200}"; LIMIT_SCALE=3
+    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 else
     PYTHON="${PYTHON:-python3}"
     BUDGET_S="${BUDGET_S:-570}"; LIMIT_SCALE=1  # the device call allows 600 s; keep some for packing the results
