@@ -1,6 +1,7 @@
 """The patch API: ranks, bases and their refresh, what it refuses, other families, checkpointing, torch.compile."""
 
 import copy
+import warnings
 
 import llama_math as lm
 import pytest
@@ -253,6 +254,22 @@ def test_transformers_4_is_refused(monkeypatch):
     monkeypatch.setattr(mk.hf, "transformers_version", lambda: "4.57.1")
     with pytest.raises(RuntimeError, match="needs transformers >= 5"):
         mk.apply_mecefo(lm.tiny_model())
+
+
+def test_a_transformers_release_outside_the_allowed_range_warns(monkeypatch):
+    """A release pip would not install with this package (the next minor past pyproject.toml's bound) is
+    not used silently; one inside the range gives no warning."""
+    (_, _), (major, minor) = mk.hf.TRANSFORMERS_RANGE
+    monkeypatch.setattr(mk.hf, "transformers_version", lambda: f"{major}.{minor}.0")
+    with pytest.warns(UserWarning, match=rf"transformers {major}\.{minor}\.0 is outside the range .*"
+                                         rf"transformers>=5\.\d+,<{major}\.{minor}") as caught:
+        mk.apply_mecefo(lm.tiny_model())
+    assert len(caught) == 1 and caught[0].filename == __file__  # once per call, pointing at the caller
+    monkeypatch.setattr(mk.hf, "transformers_version", lambda: f"{major}.{minor - 1}.3")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mk.apply_mecefo(lm.tiny_model())
+    assert not [w for w in caught if "outside the range" in str(w.message)]
 
 
 def top_energy(matrix: torch.Tensor, rank: int) -> float:

@@ -343,3 +343,44 @@ def test_a_model_factory_trains_exact_policies_and_neighbour_mode_needs_decoder_
     run(approximating)
     check_replicas_agree(approximating.run_path, 4)
     assert any(r["neighbour_mode"] for r in read_metrics(approximating.run_path) if "event" not in r)
+
+
+@pytest.mark.slow
+def test_your_model_your_tokenizer_your_data(tmp_path, corpus_cache, bpe_tokenizer):
+    """The README's recipe end to end: a Hugging Face directory whose vocabulary is the tokenizer's, JSON Lines
+    tokenised by that tokenizer, a SIGKILL under spread; RUN_DIR/final loads with from_pretrained and its
+    tokenizer with AutoTokenizer, and reproduces the final checkpoint's logits. A model whose vocabulary is
+    smaller than the tokenizer's is refused before anything starts; a preset takes the tokenizer's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import BPE_VOCAB
+    from mecefo.data import stdlib_sources
+    from mecefo.launch import prepare_run_dir
+
+    data = tmp_path / "corpus.jsonl"
+    data.write_text("".join(json.dumps({"text": p.read_text(), "path": p.name}) + "\n"
+                            for p in stdlib_sources()[20:80]))
+    directory = write_model_dir(tmp_path / "llama", vocab_size=BPE_VOCAB)
+    common = dict(tokenizer=str(bpe_tokenizer), data=[str(data)], dtype="float32", replicas=3, steps=120,
+                  inject=["kill@3:1"], policy="spread", micro_batch=1, grad_accum=2)
+    cfg = make_config(tmp_path / "run", corpus_cache, model=str(directory), **common)
+    result = run(cfg)
+    check_replicas_agree(cfg.run_path, cfg.steps)
+    assert result.summary["heals"] >= 1
+    final = cfg.run_path / "final"
+    tokenizer = AutoTokenizer.from_pretrained(final, local_files_only=True)
+    assert len(tokenizer) == BPE_VOCAB and tokenizer.eos_token == "</s>"
+    exported = AutoModelForCausalLM.from_pretrained(final, local_files_only=True)
+    trained = build_model(cfg)
+    trained.load_state_dict(read_checkpoint(list_checkpoints(cfg.run_path / "checkpoints")[0][1])["model"])
+    x = tokenizer("def main():\n    return 0\n", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(trained(input_ids=x).logits, exported(input_ids=x).logits)
+
+    small = write_model_dir(tmp_path / "small-vocab", weights=False)  # 256 < 400
+    with pytest.raises(ConfigError, match=r"the tokenizer's vocabulary \(400 tokens\) exceeds the model's "
+                                          r"vocabulary \(256"):
+        prepare_run_dir(make_config(tmp_path / "refused", corpus_cache, model=str(small), **common))
+    preset = make_config(tmp_path / "preset", corpus_cache, model="tiny", **{**common, "steps": 2, "inject": []})
+    run(preset)
+    assert AutoModelForCausalLM.from_pretrained(preset.run_path / "final").config.vocab_size == BPE_VOCAB
