@@ -154,6 +154,9 @@ class LiveSetGloo(ProcessGroupGloo):
 
     live: tuple[int, ...] = ()
     op_timeout: timedelta | None = None  # this step's collective deadline (None: the group's timeout)
+    # the quorum's label digest, appended to the rendezvous prefix: torchft's prefix holds only the quorum
+    # id, which a restarted lighthouse hands out again, and stale rendezvous keys would be read
+    namespace: Callable[[], str] | None = None
 
     def _opts_hook(self, opts):
         if self.op_timeout is not None and hasattr(opts, "timeout"):
@@ -164,6 +167,8 @@ class LiveSetGloo(ProcessGroupGloo):
                   group_world_size=None, global_ranks=None):
         ranks_per_group = group_world_size or 1
         self.live = tuple(sorted((r - (group_rank or 0)) // ranks_per_group for r in global_ranks or ()))
+        if self.namespace is not None:
+            store_addr = f"{store_addr}/{self.namespace()}"
         super().configure(store_addr, replica_id, rank, world_size, quorum_id, group_rank, group_world_size,
                           global_ranks)
 
@@ -265,6 +270,7 @@ class Membership:
                 init_sync=False)
         self._quorums = _QuorumClient(self.manager._client, lambda: self.manager._quorum_id, on_quorum)
         self.manager._client = self._quorums
+        self.pg.namespace = lambda: self.quorum_label.partition(":")[2]
 
     @property
     def step(self) -> int:

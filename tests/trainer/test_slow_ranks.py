@@ -31,12 +31,15 @@ def test_a_replica_that_sits_out_waits_for_its_neighbours_double_work(tmp_path, 
     assert result.returncode == 0, f"{result.end.reason}; see {cfg.run_dir}/logs"
     series = check_replicas_agree(cfg.run_path, cfg.steps)
     assert [r["neighbours"] for r in series[2:6]] == [{"1": 0}] * 4
-    discarded = [r for r in read_metrics(cfg.run_path) if r.get("event") == "discarded"]
-    assert len(discarded) <= 2, [(r["replica"], r["step"], r["reason"]) for r in discarded]
-    # replica 1 waited out replica 0's double work inside one deadline (the sit-out's own compute is 0)
-    waits = [r["sync_s"] for r in read_metrics(cfg.run_path) if "event" not in r and r["replica"] == 1
-             and 2 <= r["step"] < 6]
+    # replica 1 waited out replica 0's double work within one deadline, at the first attempt of each step
+    sitting = [r for r in read_metrics(cfg.run_path) if "event" not in r and r["replica"] == 1 and 2 <= r["step"] < 6]
+    assert all(r["attempts"] == 1 and r["sync_s"] < r["deadline_s"] for r in sitting)
+    waits = [r["sync_s"] for r in sitting]
     assert max(waits) > cfg.timeout_s, "the imbalance exceeded the --timeout floor: the case under test"
+    # equal steps keep the 1 s floor: on a loaded machine two replicas' compute may drift apart by more
+    # (then that step is replayed with a longer deadline); the old endless replay made dozens
+    discarded = [r for r in read_metrics(cfg.run_path) if r.get("event") == "discarded"]
+    assert len(discarded) <= 4, [(r["replica"], r["step"], r["reason"]) for r in discarded]
     # a lost or doubled step moves the loss by ~1e-3 at once; the other summation order (a sitter adds zeros)
     # is ~1e-16, which this batch's first AdamW steps amplify to ~2e-11 by step 7 (seen)
     reference = full_batch_reference(cfg.run_path)

@@ -54,7 +54,15 @@ def full_batch_reference(run_dir: Path, live_at=None) -> Reference:
     batch then holds the shards the NDB plan processes (all of them unless more than half are
     gone). A group job's replica shard is its ranks' data shards (mecefo.ranks).
     """
-    run_dir = Path(run_dir)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # beside a suite's processes on 2 cores, 2 OpenMP threads took 10x longer (seen)
+    try:
+        return _full_batch_reference(Path(run_dir), live_at)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _full_batch_reference(run_dir: Path, live_at) -> Reference:
     cfg = TrainConfig.load(run_dir / "config.json")
     corpus = CorpusFiles(**json.loads((run_dir / "corpus.json").read_text()))
     model = build_model(cfg)
