@@ -276,7 +276,7 @@ class Replica:
         """Plan, forward/backward, gradient sync, commit: the committed step's record, or None if discarded."""
         cfg = self.cfg
         members = self.membership.members
-        failed = frozenset() if self.policy.restart else self.schedule.failed_at(step)
+        failed = frozenset() if self.policy.restart else self.schedule.failed_among(step, members)
         plan = plan_step(cfg.replicas, [r for r in members if r not in failed], self.policy,
                          sequences=self.batches.micro_batch, costs=self.costs, max_load=cfg.max_load,
                          penalty=cfg.auto_penalty, drop_penalty=cfg.auto_drop_penalty)
