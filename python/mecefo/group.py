@@ -23,7 +23,8 @@ Start-up, before training:
    configuration (model, data, batch, policy, optimizer, ranks per group; not paths or thread
    counts) must equal the one the first group registered, and no live process may hold its group
    index (:class:`GroupLease`); otherwise every rank exits with a one-line error (2). Admitted,
-   it writes the run directory's config.json and corpus.json.
+   it learns the job's launch generation (:func:`launch_generation`) and writes the run
+   directory's config.json and corpus.json.
 
 Then the group trains as one replica of the job (:mod:`mecefo.replica`, :mod:`mecefo.ranks`).
 Exit codes: 0 the job's last step is committed; 1 a rank of this group is gone (the group must be
@@ -52,6 +53,7 @@ EXIT_GROUP_FAILED = 1  # a rank of this group is gone: restart the whole group
 LOCAL_FIELDS = frozenset({"run_dir", "cache_dir", "data", "threads", "resume", "max_wall_s", "inject",
                           "restart_after", "max_restarts", "hash_state"})
 SETUP_KEY = "mecefo/setup"  # in the group's store: rank 0's verdict on the start-up, for the other ranks
+GENERATION_KEY = "mecefo/generation"  # in the group's store: the job's launch generation, for the other ranks
 
 
 class AdmissionError(RuntimeError):
@@ -205,6 +207,24 @@ class GroupLease:
             self._beating.join(timeout=5)
 
 
+def launch_generation(job_store, run_dir: Path) -> int:
+    """The launch generation of the job this group joins (a TCPStore client of the job store; the group's
+    run directory).
+
+    The first group admitted through a job store fixes it: one past the newest generation in its run
+    directory's records (0 in a new one); every later group, of this launch or restarted into it, takes
+    it from the store. So a job resumed with a fresh lighthouse (README: "Checkpoints") is a new
+    generation, as a relaunch of the single-host launcher is: the steps it redoes have their own keys in
+    the commit ledger, and the report keeps their newest copies and counts them as redone. A job store
+    that outlives a launch keeps the generation of its first.
+    """
+    from .report import newest_generation, read_metrics
+
+    newest = newest_generation(read_metrics(run_dir))
+    proposal = "0" if newest is None else str(newest + 1)
+    return int(job_store.compare_set("job/generation", "", proposal).decode())
+
+
 def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -325,26 +345,30 @@ def _run_group(parser, cfg: TrainConfig, args, place: RankPlace, *, lighthouse: 
             corpus = prepare_corpus(cfg.data, cache_dir=cfg.cache_dir, val_percent=cfg.val_percent,
                                     data_dtype=cfg.data_dtype)
             check_length(corpus, cfg.seq_len)
-            check_same_job(connect_store(job_store, timeout_s), job_identity(cfg, corpus.fingerprint, place.world_size),
-                           args.group)
+            job = connect_store(job_store, timeout_s)
+            check_same_job(job, job_identity(cfg, corpus.fingerprint, place.world_size), args.group)
             lease = GroupLease(job_store, args.group, f"{socket.gethostname()} pid {os.getpid()} at {advertise}",
                                timeout_s)
             lease.acquire()
+            generation = launch_generation(job, cfg.run_path)
             write_group_run_dir(cfg, corpus)  # admitted: nothing is written by a group that is refused
         except (ValueError, OSError, AdmissionError) as e:
             store.set(SETUP_KEY, str(e) or type(e).__name__)
             if isinstance(e, ValueError):
                 parser.config_error(e)  # names the option when the error names its field
             parser.error(str(e))
+        store.set(GENERATION_KEY, str(generation))
         store.set(SETUP_KEY, "")
     elif store.get(SETUP_KEY).decode():  # rank 0 said why on the console
         return EXIT_USAGE
+    else:
+        generation = int(store.get(GENERATION_KEY).decode())
 
     replica = None
     try:
         replica = Replica(cfg, args.group, lighthouse=lighthouse, barrier=job_store, ranks=ranks,
                           group_store=store_address, advertise=advertise, device_index=place.local_rank,
-                          rejoin=place.attempt > 0, resume=cfg.resume)
+                          generation=generation, rejoin=place.attempt > 0, resume=cfg.resume)
         return replica.run()
     except Fenced as e:
         replica.report_fenced(e)

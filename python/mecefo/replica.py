@@ -320,10 +320,11 @@ class Replica:
             return None
         self.optimizer.step()
         self.episode_open = needs_bases
-        processed = stats[1].item()
+        processed = stats[1].item()  # the job's shards run this step, in group shards of G data shards each
         return dict(step=step, replica=self.replica, policy=cfg.policy, plan_policy=plan.policy.name,
                     time=time.time(), loss=stats[0].item() / processed, lr=lr,
-                    tokens=round(processed * cfg.tokens_per_shard), compute_s=compute_s, sync_s=sync_s,
+                    tokens=round(processed * self.ranks.world_size * cfg.tokens_per_shard), compute_s=compute_s,
+                    sync_s=sync_s,
                     members=list(members), live=list(plan.live), scheduled_failed=sorted(failed),
                     neighbours={str(d): o[0] if len(o) == 1 else list(o) for d, o in plan.owners.items()},
                     dropped=list(plan.dropped), dropped_sequences=plan.dropped_sequences, plan=plan.describe(),

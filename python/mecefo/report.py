@@ -9,10 +9,12 @@ wake-ups). :func:`summarize` turns all of it into the numbers the benchmarks nee
 detection, heal and restart costs) and :func:`plot` into a PNG.
 
 The files are append-only across job restarts and ``--resume``: a step redone after a relaunch
-from a checkpoint is in them twice, under two generations. :func:`step_series` (the loss curve,
-the summary's training numbers) keeps, per step, the records of the newest generation that
+from a checkpoint is in them twice, under two generations (a group job's too: each launch of its
+groups is a generation, :func:`mecefo.group.launch_generation`). :func:`step_series` (the loss
+curve, the summary's training numbers) keeps, per step, the records of the newest generation that
 committed it: the job's final lineage. The summary's event counts (checkpoints, heals, ...)
-cover the current launch only (since the newest ``launch`` record in ``events.jsonl``).
+cover the current launch only (since the newest ``launch`` record in ``events.jsonl``; in a group
+job, since the first process of the newest generation started).
 """
 
 from __future__ import annotations
@@ -114,9 +116,20 @@ def step_series(records: list[dict]) -> list[dict]:
     return [min(rs, key=lambda r: r["replica"]) for rs in final_lineage(records).values()]
 
 
-def launch_start(events: list[dict]) -> float:
-    """When the current launch of a run directory began (0 if the run has no launch record)."""
-    return max((e["time"] for e in events if e.get("event") == "launch"), default=0.0)
+def newest_generation(records: list[dict]) -> int | None:
+    """The newest launch generation in a run's records (None: no record carries one)."""
+    return max((r["generation"] for r in records if "generation" in r), default=None)
+
+
+def launch_start(events: list[dict], records: list[dict] = ()) -> float:
+    """When the current launch of a run directory began: its supervisor's newest ``launch`` record, else (a
+    group job: no supervisor) the first ``start`` of a process of the newest generation; 0 if neither."""
+    launches = [e["time"] for e in events if e.get("event") == "launch"]
+    if launches:
+        return max(launches)
+    newest = newest_generation(records)
+    return min((r["time"] for r in records if r.get("event") == "start" and r.get("generation") == newest),
+               default=0.0)
 
 
 def failure_spans(series: list[dict], replicas: int) -> list[tuple[int, int]]:
@@ -166,7 +179,7 @@ def summarize(run_dir: str | Path) -> dict:
     events = read_jsonl(run_dir / EVENTS_FILE)
     series = step_series(records)
     redone = sum(1 for rs in committed_steps(records).values() if len({r.get("generation", 0) for r in rs}) > 1)
-    since = launch_start(events)
+    since = launch_start(events, records)
     events = [e for e in events if e.get("time", since) >= since]
     events_of = defaultdict(list)
     for r in records:

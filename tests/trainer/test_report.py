@@ -89,3 +89,27 @@ def test_report_command_summarises_a_group_job_by_its_slowest_rank(tmp_path, cap
     with pytest.raises(SystemExit) as exit_:
         main([str(tmp_path / "absent")])
     assert exit_.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+
+
+def test_a_resumed_group_job_counts_redone_steps_and_the_current_launchs_events(tmp_path):
+    """A group job (no supervisor, no events.jsonl) resumed from checkpoint 2 in generation 1: the series keeps
+    generation 1's copies of steps 2-3, steps_redone counts them, and the event counts start with the first
+    process of generation 1 (its checkpoint, not generation 0's)."""
+    TrainConfig(run_dir=str(tmp_path), replicas=2, steps=5).save(tmp_path / "config.json")
+    writers = {g: MetricsWriter(metrics_path(tmp_path, g)) for g in (0, 1)}
+    for generation, steps, t0 in ((0, range(0, 4), 10.0), (1, range(2, 5), 20.0)):
+        for g, w in writers.items():
+            w.write(event="start", replica=g, generation=generation, init_s=1.0, time=t0 + 0.1 * g)
+        for step in steps:
+            for g, w in writers.items():
+                w.write(**record(step, g, [0, 1]), generation=generation, time=t0 + 1 + step)
+        writers[0].write(event="checkpoint", replica=0, step=steps[-1] + 1, seconds=0.1, time=t0 + 9)
+    for w in writers.values():
+        w.close()
+    summary = summarize(tmp_path)
+    assert summary["steps_done"] == 5 and summary["steps_redone"] == 2
+    assert summary["checkpoints"] == 1 and summary["tokens"] == 5 * 200
+    from mecefo.report import step_series
+
+    assert [r["generation"] for r in step_series(read_metrics(tmp_path))] == [0, 0, 1, 1, 1]
+
