@@ -213,10 +213,11 @@ def launch_generation(job_store, run_dir: Path) -> int:
 
     The first group admitted through a job store fixes it: one past the newest generation in its run
     directory's records (0 in a new one); every later group, of this launch or restarted into it, takes
-    it from the store. So a job resumed with a fresh lighthouse (README: "Checkpoints") is a new
-    generation, as a relaunch of the single-host launcher is: the steps it redoes have their own keys in
-    the commit ledger, and the report keeps their newest copies and counts them as redone. A job store
-    that outlives a launch keeps the generation of its first.
+    it from the store (key ``job/generation``: a lighthouse restarted from its state must keep it). So a
+    job resumed with a fresh lighthouse (README: "Checkpoints") is a new generation, as a relaunch of the
+    single-host launcher is: its records and lineage are told apart from the copies of the steps it
+    redoes that the interrupted launch left, and the report keeps the newest. The store's own keys
+    (ledger, launch barrier) need no generation: a job store serves one launch (they stay under 0).
     """
     from .report import newest_generation, read_metrics
 
@@ -368,7 +369,7 @@ def _run_group(parser, cfg: TrainConfig, args, place: RankPlace, *, lighthouse: 
     try:
         replica = Replica(cfg, args.group, lighthouse=lighthouse, barrier=job_store, ranks=ranks,
                           group_store=store_address, advertise=advertise, device_index=place.local_rank,
-                          generation=generation, rejoin=place.attempt > 0, resume=cfg.resume)
+                          generation=generation, store_generation=0, rejoin=place.attempt > 0, resume=cfg.resume)
         return replica.run()
     except Fenced as e:
         replica.report_fenced(e)

@@ -81,13 +81,14 @@ class Replica:
 
     ``group_store`` (HOST:PORT) is the group's store hosted by its rank 0 (None: a replica of one
     rank hosts its own); ``advertise`` is the address this rank's servers bind and are reached at;
-    ``device_index`` picks the GPU (None: the replica index).
+    ``device_index`` picks the GPU (None: the replica index); ``store_generation`` keys this launch's
+    ledger and launch barrier in the job's store (None: ``generation``).
     """
 
     def __init__(self, cfg: TrainConfig, replica: int, *, lighthouse: str, barrier: str | None = None,
                  generation: int = 0, rejoin: bool = False, resume: bool = False, restart_consumed: int = -1,
                  ranks: IntraGroup | None = None, group_store: str | None = None, advertise: str = LOOPBACK,
-                 device_index: int | None = None):
+                 device_index: int | None = None, store_generation: int | None = None):
         start = time.time()
         self.cfg = cfg
         self.replica = replica
@@ -127,6 +128,9 @@ class Replica:
         self.episode_open = False
         self.healed = False
         self.generation = generation
+        # this launch's keys in the job's store (ledger, launch barrier): the supervisor's store outlives a job
+        # restart, so they are the generation's; a group job's store serves one launch (mecefo.group)
+        store_generation = generation if store_generation is None else store_generation
         self.lineage = ROOT_LINEAGE  # of the training state: extended by every commit (mecefo.fencing)
         self.dropped = 0  # sequences dropped at the last committed step (warn on change)
 
@@ -136,14 +140,14 @@ class Replica:
             quorum_timeout_s=cfg.quorum_timeout_s,
             on_quorum=(lambda: self.injector.fire("quorum", self.membership.step)) if self._has("quorum") else None,
             on_send=self._on_send if self._has("send") else None,
-            ledger=CommitLedger(connect_store(barrier, cfg.quorum_timeout_s), generation) if barrier else None,
+            ledger=CommitLedger(connect_store(barrier, cfg.quorum_timeout_s), store_generation) if barrier else None,
             group_store=group_store, group_rank=ranks.rank, group_world_size=ranks.world_size, advertise=advertise)
         if resume:
             self._resume()
         self.metrics.write(event="start", replica=replica, pid=os.getpid(), generation=generation, rejoin=rejoin,
                            step=self.membership.step, ready_time=time.time(), init_s=time.time() - start)
         if barrier and not rejoin:
-            self._launch_barrier(barrier, generation, ranks=cfg.replicas * ranks.world_size)
+            self._launch_barrier(barrier, store_generation, ranks=cfg.replicas * ranks.world_size)
 
     # ---- state: what a rejoining replica receives and a checkpoint holds ------------------------
 
