@@ -357,15 +357,32 @@ def write_report(run_dir: str | Path, extra: dict | None = None) -> tuple[dict, 
     return summary, text, plot(run_dir)
 
 
+def last_committed_step(records: list[dict]) -> int | None:
+    """The highest step any replica committed (None: none)."""
+    return max((r["step"] for r in records if "event" not in r), default=None)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m mecefo.report RUN_DIR``: the summary of a run no launcher summarised (a group job under
     torchrun / srun, or a run whose launcher was killed), written next to its metrics and printed."""
     parser = OneLineErrors(prog="python -m mecefo.report", description=main.__doc__.split("\n")[0].strip("`"))
     parser.add_argument("run_dir", help="the run's --run-dir (shared by every group of a group job)")
+    parser.add_argument("--complete", action="store_true",
+                        help="write nothing; say whether the run's last step is committed (a record of it in the "
+                             "metrics) and exit 0 if it is, 1 if not (examples/slurm_mecefo.sbatch asks this)")
     args = parser.parse_args(argv)
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.json").is_file():
         parser.error(f"argument run_dir: {run_dir} holds no config.json: not a run directory")
+    if args.complete:
+        steps = json.loads((run_dir / "config.json").read_text())["steps"]
+        last = last_committed_step(read_metrics(run_dir))
+        if last is not None and last >= steps - 1:
+            print(f"{run_dir}: complete: its last step ({steps - 1}) is committed")
+            return 0
+        print(f"{run_dir}: incomplete: " + ("no step committed" if last is None else
+                                            f"last committed step {last}, the run's last is {steps - 1}"))
+        return 1
     if not list((run_dir / METRICS_DIR).glob("replica_*.jsonl")):
         parser.error(f"argument run_dir: {run_dir / METRICS_DIR} holds no replica_*.jsonl: nothing was trained")
     _, text, png = write_report(run_dir)

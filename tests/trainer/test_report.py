@@ -113,3 +113,23 @@ def test_a_resumed_group_job_counts_redone_steps_and_the_current_launchs_events(
 
     assert [r["generation"] for r in step_series(read_metrics(tmp_path))] == [0, 0, 1, 1, 1]
 
+
+def test_report_complete_says_whether_the_last_step_is_committed(tmp_path, capsys):
+    """python -m mecefo.report --complete RUN_DIR (asked by the SLURM recipe): exit 0 once a record of the run's
+    last step is in the metrics, 1 before, 2 for a directory that is not a run; writes nothing."""
+    from mecefo.report import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--complete", str(tmp_path)])
+    assert exit_.value.code == 2
+    TrainConfig(run_dir=str(tmp_path), replicas=2, steps=3).save(tmp_path / "config.json")
+    assert main(["--complete", str(tmp_path)]) == 1 and "incomplete: no step committed" in capsys.readouterr().out
+    writer = MetricsWriter(metrics_path(tmp_path, 1))
+    writer.write(**record(1, 1, [1]))
+    writer.write(event="eval", replica=1, step=2, val_loss=1.0)  # an event of step 2 is not step 2 committed
+    assert main(["--complete", str(tmp_path)]) == 1
+    assert "last committed step 1, the run's last is 2" in capsys.readouterr().out
+    writer.write(**record(2, 1, [1]))
+    writer.close()
+    assert main(["--complete", str(tmp_path)]) == 0 and "complete: its last step (2) is committed" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "metrics"]
