@@ -346,12 +346,12 @@ def _run_group(parser, cfg: TrainConfig, args, place: RankPlace, *, lighthouse: 
             corpus = prepare_corpus(cfg.data, cache_dir=cfg.cache_dir, val_percent=cfg.val_percent,
                                     data_dtype=cfg.data_dtype)
             check_length(corpus, cfg.seq_len)
-            job = connect_store(job_store, timeout_s)
-            check_same_job(job, job_identity(cfg, corpus.fingerprint, place.world_size), args.group)
+            check_same_job(connect_store(job_store, timeout_s), job_identity(cfg, corpus.fingerprint, place.world_size),
+                           args.group)
             lease = GroupLease(job_store, args.group, f"{socket.gethostname()} pid {os.getpid()} at {advertise}",
                                timeout_s)
             lease.acquire()
-            generation = launch_generation(job, cfg.run_path)
+            generation = launch_generation(connect_store(job_store, timeout_s), cfg.run_path)
             write_group_run_dir(cfg, corpus)  # admitted: nothing is written by a group that is refused
         except (ValueError, OSError, AdmissionError) as e:
             store.set(SETUP_KEY, str(e) or type(e).__name__)
