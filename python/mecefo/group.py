@@ -25,7 +25,8 @@ Start-up, before training:
    must have a running group to heal from, else only a group started with ``--resume`` from a
    checkpoint the ledger has not passed may start (:func:`check_start`); no live process may hold
    its group index (:class:`GroupLease`); and a group joining a running job must reach the running
-   groups first. Otherwise every rank exits with a one-line error (2). Admitted, it writes the run
+   groups first. Otherwise every rank exits with a one-line error (2). Admitted, it learns the job's
+   launch generation (:func:`launch_generation`) and writes the run
    directory's config.json and corpus.json.
 
 Then the group trains as one replica of the job (:mod:`mecefo.replica`, :mod:`mecefo.ranks`),
@@ -55,7 +56,7 @@ from pathlib import Path
 from .command import EXIT_USAGE, OneLineErrors
 from .config import TrainConfig, add_train_arguments, config_from_args
 from .failures import parse_injection
-from .jobstore import IDENTITY_KEY, LEDGER_GENERATION, ControlPlaneLost, JobStore, group_key, ledger_key
+from .jobstore import GENERATION_KEY as JOB_GENERATION_KEY, IDENTITY_KEY, LEDGER_GENERATION, ControlPlaneLost, JobStore, group_key, ledger_key
 
 EXIT_GROUP_FAILED = 1  # a rank of this group is gone: restart the whole group
 # TrainConfig fields a group may set for itself: where it writes, its threads, how it is supervised
@@ -68,6 +69,7 @@ SETUP_KEY = "mecefo/setup"  # in the group's store: rank 0's verdict on the star
 REJOIN_KEY = "mecefo/rejoin"  # in the group's store: "1" when the group joins a running job (no barrier)
 OWNER_KEY = "mecefo/owner"  # in the group's store: the lease holder the group's ranks belong to
 PROBE_S = 1.0  # a group whose address does not accept a connection within this long is unreachable
+GENERATION_KEY = "mecefo/generation"  # in the group's store: the job's launch generation, for the other ranks
 
 
 class AdmissionError(RuntimeError):
@@ -335,6 +337,25 @@ class GroupGuard:
             time.sleep(PROBE_S / 2)
 
 
+def launch_generation(job_store, run_dir: Path) -> int:
+    """The launch generation of the job this group joins (a :class:`mecefo.jobstore.JobStore`, or any store
+    with compare_set; the group's run directory).
+
+    The first group admitted through a job store fixes it: one past the newest generation in its run
+    directory's records (0 in a new one); every later group, of this launch or restarted into it, takes
+    it from the store (key ``job/generation``: a lighthouse restarted from its state must keep it). So a
+    job resumed with a fresh lighthouse (README: "Checkpoints") is a new generation, as a relaunch of the
+    single-host launcher is: its records and lineage are told apart from the copies of the steps it
+    redoes that the interrupted launch left, and the report keeps the newest. The store's own keys
+    (ledger, launch barrier) need no generation: a job store serves one launch (they stay under 0).
+    """
+    from .report import newest_generation, read_metrics
+
+    newest = newest_generation(read_metrics(run_dir))
+    proposal = "0" if newest is None else str(newest + 1)
+    return int(job_store.compare_set(JOB_GENERATION_KEY, "", proposal).decode())
+
+
 def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -471,6 +492,7 @@ def _run_group(parser, cfg: TrainConfig, args, place: RankPlace, *, lighthouse: 
             guard = GroupGuard(lease.owner, JobStore(job_store, cfg.lighthouse_wait_s), args.group)
             if running:  # join only once the running groups can be reached (else it would fail their steps)
                 guard.wait_reachable(running, timeout_s)
+            generation = launch_generation(job, cfg.run_path)
             write_group_run_dir(cfg, corpus, model)  # admitted: nothing is written by a group that is refused
         except (ValueError, OSError, ImportError, AdmissionError, ControlPlaneLost) as e:
             if lease is not None:
@@ -481,16 +503,19 @@ def _run_group(parser, cfg: TrainConfig, args, place: RankPlace, *, lighthouse: 
             parser.error(str(e))
         store.set(REJOIN_KEY, "1" if running or place.attempt > 0 else "")
         store.set(OWNER_KEY, lease.owner)
+        store.set(GENERATION_KEY, str(generation))
         store.set(SETUP_KEY, "")
     elif store.get(SETUP_KEY).decode():  # rank 0 said why on the console
         return EXIT_USAGE
     else:
         guard = GroupGuard(store.get(OWNER_KEY).decode(), JobStore(job_store, cfg.lighthouse_wait_s), args.group)
+        generation = int(store.get(GENERATION_KEY).decode())
 
     replica = None
     try:
         replica = Replica(cfg, args.group, lighthouse=lighthouse, barrier=job_store, ranks=ranks,
                           group_store=store_address, advertise=advertise, device_index=place.local_rank,
+                          generation=generation, store_generation=LEDGER_GENERATION,
                           rejoin=bool(store.get(REJOIN_KEY).decode()), resume=cfg.resume, guard=guard)
         return replica.run()
     except Fenced as e:

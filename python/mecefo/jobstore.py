@@ -4,6 +4,8 @@ of it, and the journal that makes it durable (``mecefo-lighthouse --state-dir``)
 Keys (who writes them):
 
 * ``job/identity``: the job's configuration, set by the first group admitted (:mod:`mecefo.group`);
+* ``job/generation``: the job's launch generation, fixed by the first group admitted
+  (:func:`mecefo.group.launch_generation`): it marks the records and lineage of this launch;
 * ``group/<I>/owner``, ``group/<I>/beat``, ``group/<I>/address``: which process holds group index
   ``I``, its heartbeat, and where its rank 0 accepts connections (:class:`mecefo.group.GroupLease`);
 * ``launch/<generation>``: the launch barrier's count (:mod:`mecefo.replica`);
@@ -18,8 +20,9 @@ Keys (who writes them):
 off) reconnects and retries, until ``wait_s`` have passed without an answer: then
 :class:`ControlPlaneLost`, one line naming the address and the option (``--lighthouse-wait``).
 
-**Journal** (:class:`Journal`, run by the lighthouse with ``--state-dir``): the job's identity,
-every group's owner and address and every ledger entry of generation 0 (a group job's) are appended
+**Journal** (:class:`Journal`, run by the lighthouse with ``--state-dir``): the job's identity and
+launch generation (on disk before the first ledger entry: a restarted lighthouse never hands a
+resumed ledger to a new generation), every group's owner and address and every ledger entry of generation 0 (a group job's) are appended
 to ``DIR/job_store.jsonl`` (fsynced) as they appear; a lighthouse restarted with the same directory
 loads them into its fresh store before it answers anyone. Not kept: the heartbeats (a holder's beat
 resumes against the new store), the launch count (a group that starts while others train skips the
@@ -35,6 +38,7 @@ import time
 from pathlib import Path
 
 IDENTITY_KEY = "job/identity"
+GENERATION_KEY = "job/generation"
 DURABLE_KEY = "job/durable"
 READY_KEY = "job/ready"
 RETRY_S = 0.5  # between attempts to reach a store that does not answer
@@ -177,7 +181,7 @@ class Journal:
         self.values.update(entries)
 
     def _watched(self) -> list[str]:
-        keys = [IDENTITY_KEY]
+        keys = [IDENTITY_KEY, GENERATION_KEY]
         identity = self.values.get(IDENTITY_KEY)
         if identity is not None:
             for group in range(int(json.loads(identity).get("replicas", 0))):
@@ -190,21 +194,27 @@ class Journal:
         last_poll = 0.0
         while not stop.wait(self.LEDGER_POLL_S):
             key = ledger_key(LEDGER_GENERATION, self.next_step)
-            while store.check([key]):
+            pending = store.check([key])
+            # the generation (set at admission, before any commit) is on disk before the first ledger entry
+            if (pending and GENERATION_KEY not in self.values) or time.monotonic() - last_poll >= self.POLL_S:
+                last_poll = time.monotonic()
+                self._persist_watched(store)
+            while pending:
                 self._append({key: store.get(key).decode()})
                 store.set(ledger_durable_key(LEDGER_GENERATION, self.next_step), "1")
                 self.next_step += 1
                 key = ledger_key(LEDGER_GENERATION, self.next_step)
-            if time.monotonic() - last_poll >= self.POLL_S:
-                last_poll = time.monotonic()
-                changed = {}
-                for key in self._watched():
-                    if store.check([key]):
-                        value = store.get(key).decode()
-                        if self.values.get(key) != value:
-                            changed[key] = value
-                if changed:
-                    self._append(changed)
+                pending = store.check([key])
+
+    def _persist_watched(self, store) -> None:
+        changed = {}
+        for key in self._watched():
+            if store.check([key]):
+                value = store.get(key).decode()
+                if self.values.get(key) != value:
+                    changed[key] = value
+        if changed:
+            self._append(changed)
 
     def close(self) -> None:
         self._file.close()

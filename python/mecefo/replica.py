@@ -96,13 +96,14 @@ class Replica:
 
     ``group_store`` (HOST:PORT) is the group's store hosted by its rank 0 (None: a replica of one
     rank hosts its own); ``advertise`` is the address this rank's servers bind and are reached at;
-    ``device_index`` picks the GPU (None: the replica index).
+    ``device_index`` picks the GPU (None: the replica index); ``store_generation`` keys this launch's
+    ledger and launch barrier in the job's store (None: ``generation``).
     """
 
     def __init__(self, cfg: TrainConfig, replica: int, *, lighthouse: str, barrier: str | None = None,
                  generation: int = 0, rejoin: bool = False, resume: bool = False, restart_consumed: int = -1,
                  ranks: IntraGroup | None = None, group_store: str | None = None, advertise: str = LOOPBACK,
-                 device_index: int | None = None, guard=None):
+                 device_index: int | None = None, store_generation: int | None = None, guard=None):
         start = time.time()
         self.cfg = cfg
         self.replica = replica
@@ -148,6 +149,9 @@ class Replica:
         self.episode_open = False
         self.healed = False
         self.generation = generation
+        # this launch's keys in the job's store (ledger, launch barrier): the supervisor's store outlives a job
+        # restart, so they are the generation's; a group job's store serves one launch (mecefo.group)
+        store_generation = generation if store_generation is None else store_generation
         self.lineage = ROOT_LINEAGE  # of the training state: extended by every commit (mecefo.fencing)
         self.dropped = 0  # sequences dropped at the last committed step (warn on change)
         self.guard = guard
@@ -163,14 +167,14 @@ class Replica:
             quorum_timeout_s=cfg.quorum_timeout_s, lighthouse_wait_s=cfg.lighthouse_wait_s,
             on_quorum=(lambda: self.injector.fire("quorum", self.membership.step)) if self._has("quorum") else None,
             on_send=self._on_send if self._has("send") else None,
-            ledger=CommitLedger(JobStore(barrier, cfg.lighthouse_wait_s), generation) if barrier else None,
+            ledger=CommitLedger(JobStore(barrier, cfg.lighthouse_wait_s), store_generation) if barrier else None,
             group_store=group_store, group_rank=ranks.rank, group_world_size=ranks.world_size, advertise=advertise)
         if resume:
             self._resume()
         self.metrics.write(event="start", replica=replica, pid=os.getpid(), generation=generation, rejoin=rejoin,
                            step=self.membership.step, ready_time=time.time(), init_s=time.time() - start)
         if barrier and not rejoin:
-            self._launch_barrier(barrier, generation, ranks=cfg.replicas * ranks.world_size)
+            self._launch_barrier(barrier, store_generation, ranks=cfg.replicas * ranks.world_size)
 
     # ---- state: what a rejoining replica receives and a checkpoint holds ------------------------
 
@@ -319,7 +323,7 @@ class Replica:
         ``replay``: how many attempts of this step were discarded before (the deadlines grow with it)."""
         cfg = self.cfg
         members = self.membership.members
-        failed = frozenset() if self.policy.restart else self.schedule.failed_at(step)
+        failed = frozenset() if self.policy.restart else self.schedule.failed_among(step, members)
         plan = plan_step(cfg.replicas, [r for r in members if r not in failed], self.policy,
                          sequences=self.batches.micro_batch, costs=self.costs, max_load=cfg.max_load,
                          penalty=cfg.auto_penalty, drop_penalty=cfg.auto_drop_penalty)
@@ -372,10 +376,11 @@ class Replica:
         self.episode_open = needs_bases
         self.deadlines.observe_compute(stats[2].item(), stats[3].item())
         self.deadlines.observe_allreduce(self.grad_bytes, grad_s)
-        processed = stats[1].item()
+        processed = stats[1].item()  # the job's shards run this step, in group shards of G data shards each
         return dict(step=step, replica=self.replica, policy=cfg.policy, plan_policy=plan.policy.name,
                     time=time.time(), loss=stats[0].item() / processed, lr=lr,
-                    tokens=round(processed * cfg.tokens_per_shard), compute_s=compute_s, sync_s=sync_s,
+                    tokens=round(processed * self.ranks.world_size * cfg.tokens_per_shard), compute_s=compute_s,
+                    sync_s=sync_s,
                     members=list(members), live=list(plan.live), scheduled_failed=sorted(failed),
                     neighbours={str(d): o[0] if len(o) == 1 else list(o) for d, o in plan.owners.items()},
                     dropped=list(plan.dropped), dropped_sequences=plan.dropped_sequences, plan=plan.describe(),
