@@ -10,8 +10,8 @@ import time
 import pytest
 
 from mecefo.fencing import CommitLedger, Fenced
-from mecefo.group import AdmissionError, GroupGuard, check_start, committed_steps, leaves
-from mecefo.jobstore import (DURABLE_KEY, IDENTITY_KEY, READY_KEY, ControlPlaneLost, JobStore, Journal, group_key,
+from mecefo.group import AdmissionError, GroupGuard, check_start, committed_steps, launch_generation, leaves
+from mecefo.jobstore import (DURABLE_KEY, GENERATION_KEY, IDENTITY_KEY, READY_KEY, ControlPlaneLost, JobStore, Journal, group_key,
                              ledger_key)
 from mecefo.quorum import BoundStore
 
@@ -53,7 +53,12 @@ def test_the_client_outlives_a_restart_of_the_store_and_gives_up_in_one_line():
 def test_a_journalled_store_restarts_with_its_ledger_identity_and_owners(tmp_path):
     """Claims return once journalled; a store restarted from the journal fences what the old one would:
     a step claimed by one quorum cannot be claimed by another (a restarted lighthouse's quorum 3 has
-    another label than the old quorum 3), a stale replica behind the job is behind."""
+    another label than the old quorum 3), a stale replica behind the job is behind; it keeps the job's
+    launch generation (on disk before the first claim), which the run directory alone would not give."""
+    run_dir = tmp_path / "run"
+    (run_dir / "metrics").mkdir(parents=True)
+    (run_dir / "metrics" / "replica_0.jsonl").write_text(json.dumps({"step": 0, "generation": 1, "time": 0}) + "\n")
+    tmp_path = tmp_path / "state"
     server = serve()
     journal = Journal(tmp_path)
     journal.restore(server.store)
@@ -64,12 +69,14 @@ def test_a_journalled_store_restarts_with_its_ledger_identity_and_owners(tmp_pat
     client.set(IDENTITY_KEY, json.dumps({"replicas": 2}))
     client.set(group_key(1, "owner"), "host pid 1 [ab]")
     client.set(group_key(1, "beat"), "7")
+    assert launch_generation(client, run_dir) == 2  # one past the run directory's newest
     ledger = CommitLedger(client, 0)
     try:
         for step in range(3):
             ledger.claim(step, "3:aaaa")
             kept = [json.loads(line)["key"] for line in (tmp_path / "job_store.jsonl").read_text().splitlines()]
             assert ledger_key(0, step) in kept, "a claim returns once its entry is on disk"
+            assert kept.index(GENERATION_KEY) < kept.index(ledger_key(0, 0))
         time.sleep(2 * Journal.POLL_S)
     finally:
         done.set()
@@ -92,6 +99,9 @@ def test_a_journalled_store_restarts_with_its_ledger_identity_and_owners(tmp_pat
         ledger.check_behind(1, "1:cccc")
     ledger.claim(2, "3:aaaa")  # a member of the old quorum that claims late: the same step, the same quorum
     assert committed_steps(client) == 3
+    # a group restarted into the job after the lighthouse: its launch, though the run directory now holds it
+    (run_dir / "metrics" / "replica_0.jsonl").write_text(json.dumps({"step": 3, "generation": 2, "time": 1}) + "\n")
+    assert launch_generation(client, run_dir) == 2
 
 
 @pytest.mark.parametrize("done", [0, 1, 2, 5, 17, 64])
