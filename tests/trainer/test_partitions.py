@@ -1,7 +1,7 @@
 """Real network partitions (issue 20, part 4): hosts as network namespaces made by the test, links taken down.
 
-Hosts: the lighthouse on ``lh`` (10.77.0.2, control network only) and groups 0, 1, 2 (one rank each,
-torchrun) on ``g0`` .. ``g2``, each on the control network (10.77.0.1I: lighthouse, job store) and on the
+Hosts: the lighthouse on ``lh`` (10.77.0.2, control network only) and groups 0 and 1 (one rank each,
+torchrun) on ``g0`` and ``g1``, each on the control network (10.77.0.1I: lighthouse, job store) and on the
 data network (10.77.1.1I: gloo, healing, probes). A partition takes links down: nothing is closed,
 packets are lost, as when a cable, a switch port or a host's network fails.
 
@@ -20,12 +20,17 @@ from pathlib import Path
 import pytest
 
 from netns import Network, unavailable
+from test_group_faults import no_traceback_through_mecefo
 from test_groups import GROUP_OPTIONS, Cluster, _options
 from trainer_runs import check_replicas_agree, full_batch_reference, relative_difference, final_model
 from mecefo.report import read_metrics
 
 pytestmark = pytest.mark.slow
-GROUPS = 3
+# two groups: the sum of two group gradients is the same in any order, so every step's loss equals full-batch
+# training's to float64 rounding for the whole run; with three, this trajectory amplifies the summation orders'
+# rounding from 1e-10 at step 1 to 4e-4 by step 200 (seen), as large as a lost step. The split rule's harder
+# side is then exercised: a tie (one of two groups reached), broken by the lowest index
+GROUPS = 2
 LIGHTHOUSE = "10.77.0.2:29510"
 JOB = dict(GROUP_OPTIONS, timeout=2.0, policy="ndb-exact", lighthouse_wait=60)
 
@@ -91,7 +96,7 @@ class Job:
         """Wait for every group to end with 0; check the promises against full-batch training."""
         for proc in self.groups:
             assert self.cluster.wait(proc, 300) == 0, f"a group failed; logs in {self.cluster.tmp}"
-            assert "python/mecefo/" not in proc.log_path.read_text(), "no traceback through mecefo's code"
+            no_traceback_through_mecefo(proc)
         series = check_replicas_agree(self.run_dir, self.steps)
         reference = full_batch_reference(self.run_dir)
         error = [abs(r["loss"] - ref) / abs(ref) for r, ref in zip(series, reference.losses, strict=True)]
@@ -130,56 +135,56 @@ def first_time(records: list[dict], predicate) -> float:
 
 
 def test_a_group_cut_off_from_everything_is_dropped_and_heals_when_reconnected(job_factory, network):
-    """Group 2 loses both links for 8 s (heartbeat timeout 1.5 s): the others stop waiting for it after their
-    collective deadline (--timeout 2), the lighthouse drops it, group 0 runs its shard; reconnected, group 2
+    """Group 1 loses both links for 8 s (heartbeat timeout 1.5 s): group 0 stops waiting for it after its
+    collective deadline (--timeout 2), the lighthouse drops it, group 0 runs its shard; reconnected, group 1
     gets a quorum again (its pending request goes through) and heals. Exit 0 everywhere."""
     job = job_factory(steps=200)
     job.wait_for(lambda: job.step() >= 20, 150, "step 20")
-    network.cut("g2")
+    network.cut("g1")
     cut = time.time()
     time.sleep(8)
-    network.heal("g2")
+    network.heal("g1")
     healed = time.time()
-    job.wait_for(lambda: any(r.get("event") == "healed" and r["replica"] == 2 and r["time"] > healed
-                             for r in read_metrics(job.run_dir)), 120, "group 2 to heal")
+    job.wait_for(lambda: any(r.get("event") == "healed" and r["replica"] == 1 and r["time"] > healed
+                             for r in read_metrics(job.run_dir)), 120, "group 1 to heal")
     series = job.finish()
     records = read_metrics(job.run_dir)
-    dropped = first_time([r for r in records if "event" not in r], lambda r: r["time"] > cut and 2 not in r["live"])
-    back = first_time(records, lambda r: r.get("event") == "healed" and r["replica"] == 2 and r["time"] > healed)
-    assert any(r["neighbours"] == {"2": 0} for r in series), "group 0 ran group 2's shard"
-    assert series[-1]["live"] == [0, 1, 2]
-    print(f"cut off from everything: others went on without it {dropped - cut:.1f} s after the cut; "
+    dropped = first_time([r for r in records if "event" not in r], lambda r: r["time"] > cut and 1 not in r["live"])
+    back = first_time(records, lambda r: r.get("event") == "healed" and r["replica"] == 1 and r["time"] > healed)
+    assert any(r["neighbours"] == {"1": 0} for r in series), "group 0 ran group 1's shard"
+    assert series[-1]["live"] == [0, 1]
+    print(f"cut off from everything: group 0 went on without it {dropped - cut:.1f} s after the cut; "
           f"reconnected -> healed {back - healed:.1f} s")
 
 
 def test_a_group_cut_off_from_the_groups_but_not_the_lighthouse_leaves_and_the_job_goes_on(job_factory, network):
-    """Group 2 loses its data link only: it still heartbeats, so it stays in every quorum and every step
-    fails for all. After two failed attempts each group probes the others: group 2 reaches none of them and
-    leaves (exit 1, one line), groups 0 and 1 reach each other and stay; the lighthouse drops group 2 and
-    the job goes on without it. torchrun restarts group 2, which waits until it reaches the running groups;
-    reconnected, it joins and heals. The replay bound never ends the job."""
+    """Group 1 loses its data link only: it still heartbeats, so it stays in every quorum and every step
+    fails for both. After two failed attempts each group probes the other: each reaches half of the quorum
+    (itself), so the side without the lowest index, group 1, leaves (exit 1, one line) and group 0 stays; the
+    lighthouse drops group 1 and the job goes on without it. torchrun restarts group 1, which waits until it
+    reaches the running group; reconnected, it joins and heals. The replay bound never ends the job."""
     job = job_factory(steps=300)
     job.wait_for(lambda: job.step() >= 20, 150, "step 20")
-    network.cut("g2", "dat")
+    network.cut("g1", "dat")
     cut = time.time()
-    job.wait_for(lambda: worker_exits(job.groups[2]) == [1], 90, "group 2 to leave")
+    job.wait_for(lambda: worker_exits(job.groups[1]) == [1], 90, "group 1 to leave")
     left = time.time()
     time.sleep(3)
-    network.heal("g2", "dat")
+    network.heal("g1", "dat")
     healed = time.time()
-    job.wait_for(lambda: any(r.get("event") == "healed" and r["replica"] == 2 and r["time"] > healed
-                             for r in read_metrics(job.run_dir)), 120, "group 2 to heal")
+    job.wait_for(lambda: any(r.get("event") == "healed" and r["replica"] == 1 and r["time"] > healed
+                             for r in read_metrics(job.run_dir)), 120, "group 1 to heal")
     series = job.finish()
-    text = job.groups[2].log_path.read_text()
-    lines = [line for line in text.splitlines() if line.startswith("mecefo-group: group 2:")]
-    assert len(lines) == 1 and "cannot reach groups [0, 1] of its quorum [0, 1, 2] though the lighthouse answers" \
+    text = job.groups[1].log_path.read_text()
+    lines = [line for line in text.splitlines() if line.startswith("mecefo-group: group 1:")]
+    assert len(lines) == 1 and "cannot reach groups [0] of its quorum [0, 1] though the lighthouse answers" \
         in lines[0], text[-3000:]
     records = read_metrics(job.run_dir)
-    on_without = first_time([r for r in records if "event" not in r], lambda r: r["time"] > cut and 2 not in r["live"])
-    back = first_time(records, lambda r: r.get("event") == "healed" and r["replica"] == 2 and r["time"] > healed)
+    on_without = first_time([r for r in records if "event" not in r], lambda r: r["time"] > cut and 1 not in r["live"])
+    back = first_time(records, lambda r: r.get("event") == "healed" and r["replica"] == 1 and r["time"] > healed)
     assert not [r for r in records if r.get("event") == "gave_up"]
-    assert series[-1]["live"] == [0, 1, 2]
-    print(f"cut off from the groups: group 2 left {left - cut:.1f} s after the cut, the others went on "
+    assert series[-1]["live"] == [0, 1]
+    print(f"cut off from the groups: group 1 left {left - cut:.1f} s after the cut, group 0 went on "
           f"{on_without - cut:.1f} s after it; reconnected -> healed {back - healed:.1f} s")
 
 
