@@ -7,6 +7,9 @@
 #
 # A group that dies (a rank crashed, a node was lost) is restarted by torchrun up to MAX_RESTARTS
 # times and heals from a live group; on a replacement node, run the same "group I" command there.
+# A lighthouse that dies: run the same "lighthouse" command again within --lighthouse-wait (300 s):
+# it reloads the job's ledger from STATE_DIR and the groups, which waited, carry on.
+# "group I" exits 0 only when the job's last step is committed (torchrun passes the group's status on).
 #
 # Settings (environment):
 #   LIGHTHOUSE   HOST:PORT of the lighthouse, on the cluster's private network (required;
@@ -15,9 +18,10 @@
 #   NPROC        ranks per group (default 2)
 #   HOST_ADDR    this host's private address: what the group binds and advertises
 #                (default: the first address `hostname -I` prints)
-#   MASTER_PORT  torchrun's port on this host (default 29400)
+#   MASTER_PORT  torchrun's port on this host (default 29400 + INDEX: groups sharing a host never collide)
 #   MAX_RESTARTS torchrun restarts of this group (default 3)
 #   RUN_DIR      metrics, checkpoints (default runs/cluster)
+#   STATE_DIR    the lighthouse's journal of the job store (default runs/lighthouse-state; one per job)
 #   TRAIN_ARGS   training options, identical for every group (default: a small example)
 #   GLOO_SOCKET_IFNAME  the private interface's name, when gloo should not pick it from the host name
 set -euo pipefail
@@ -27,17 +31,18 @@ role=${1:?usage: $0 lighthouse | group INDEX}
 NUM_GROUPS=${NUM_GROUPS:-4}
 NPROC=${NPROC:-2}
 HOST_ADDR=${HOST_ADDR:-$(hostname -I | awk '{print $1}')}
-MASTER_PORT=${MASTER_PORT:-29400}
 MAX_RESTARTS=${MAX_RESTARTS:-3}
 RUN_DIR=${RUN_DIR:-runs/cluster}
+STATE_DIR=${STATE_DIR:-runs/lighthouse-state}
 TRAIN_ARGS=${TRAIN_ARGS:---preset tiny --steps 2000 --policy mecefo --checkpoint-every 200}
 
 case "$role" in
   lighthouse)
-    exec mecefo-lighthouse --bind "$LIGHTHOUSE" --min-replicas 1 --heartbeat-timeout 5
+    exec mecefo-lighthouse --bind "$LIGHTHOUSE" --min-replicas 1 --heartbeat-timeout 5 --state-dir "$STATE_DIR"
     ;;
   group)
     group=${2:?usage: $0 group INDEX}
+    MASTER_PORT=${MASTER_PORT:-$((29400 + group))}
     # shellcheck disable=SC2086  # TRAIN_ARGS is a list of options
     exec python -m torch.distributed.run --nnodes 1 --nproc-per-node "$NPROC" \
       --master-addr "$HOST_ADDR" --master-port "$MASTER_PORT" --max-restarts "$MAX_RESTARTS" \

@@ -99,7 +99,9 @@ class TrainConfig:
     threads: int = 1  # torch threads per replica process
     bucket_mb: float = 64.0  # gradient all-reduce bucket size
     # membership (torchft)
-    timeout_s: float = 10.0  # collectives, commit and state transfer
+    timeout_s: float = 10.0  # the floor of the collective and state-transfer deadlines (mecefo.deadlines)
+    max_replays: int = 5  # discarded attempts of one step in a row before the run gives up
+    lighthouse_wait_s: float = 300.0  # how long an unanswering lighthouse / job store is waited for
     heartbeat_timeout_s: float = 2.0  # the lighthouse drops a replica silent this long
     quorum_timeout_s: float = 300.0
     min_replicas: int = 1
@@ -137,7 +139,7 @@ class TrainConfig:
         if self.dtype not in DTYPES:
             raise ConfigError("dtype", f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         at_least = dict(replicas=1, steps=1, seq_len=1, micro_batch=1, grad_accum=1, threads=1, keep_checkpoints=1, min_replicas=1,
-                        eval_batches=1, warmup=0, checkpoint_every=0, eval_every=0, max_restarts=0)
+                        eval_batches=1, warmup=0, checkpoint_every=0, eval_every=0, max_restarts=0, max_replays=0)
         for name, low in at_least.items():
             if getattr(self, name) < low:
                 raise ConfigError(name, f"{name} must be >= {low}, got {getattr(self, name)}")
@@ -159,7 +161,7 @@ class TrainConfig:
         if self.restart_after is not None and self.restart_after < 0:
             raise ConfigError("restart_after", f"restart_after must be >= 0 steps, got {self.restart_after}")
         for name in ("timeout_s", "heartbeat_timeout_s", "quorum_timeout_s", "lr", "schedule_hours", "bucket_mb",
-                     "max_wall_s"):
+                     "max_wall_s", "lighthouse_wait_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(name, f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("clip", "weight_decay"):
@@ -343,7 +345,15 @@ def add_train_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig) 
     g.add_argument("--threads", type=int, default=d.threads, help="torch threads per replica")
     g.add_argument("--bucket-mb", type=float, default=d.bucket_mb)
     g.add_argument("--timeout", dest="timeout_s", type=float, default=d.timeout_s,
-                   help="seconds for collectives, commit and state transfer")
+                   help="seconds a peer may be silent beyond its predicted work: the floor of every collective "
+                        "and state-transfer deadline, which grow with the plan's imbalance and the state's size "
+                        "(default %(default)s)")
+    g.add_argument("--max-replays", type=int, default=d.max_replays,
+                   help="discarded attempts of one step in a row before the run ends with exit 1 (default "
+                        "%(default)s)")
+    g.add_argument("--lighthouse-wait", dest="lighthouse_wait_s", type=float, default=d.lighthouse_wait_s,
+                   help="seconds a group waits for a lighthouse or job store that does not answer (dead, "
+                        "restarting, cut off) before it ends with exit 1 and a checkpoint (default %(default)s)")
     g.add_argument("--heartbeat-timeout", dest="heartbeat_timeout_s", type=float, default=d.heartbeat_timeout_s,
                    help="seconds of silence after which the lighthouse drops a replica")
     g.add_argument("--quorum-timeout", dest="quorum_timeout_s", type=float, default=d.quorum_timeout_s)

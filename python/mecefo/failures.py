@@ -10,7 +10,9 @@ The paper's scenarios are stated for a 32-GPU job: a failure every 2 h / 1 h / 0
 its own with mean time between failures ``32 * interval`` and staying down for ``duration``
 (an alternating renewal process, exponential up-times, seeded), which keeps the paper's
 fraction of failed replicas for any replica count. The run's ``steps`` span ``schedule_hours``
-hours of that clock. A window that would leave no replica live is skipped.
+hours of that clock. A window that would leave no replica live is skipped. The replica a schedule
+keeps up may be really down: a step whose quorum members are all scheduled-failed keeps one of
+them up (:meth:`Schedule.failed_among`).
 
 Injections (``--inject``) are real failures of a replica process, fired once per run:
 
@@ -68,6 +70,25 @@ class Schedule:
 
     def failed_at(self, step: int) -> frozenset[int]:
         return frozenset(w.replica for w in self.windows if w.start <= step < w.end)
+
+    def failed_among(self, step: int, members) -> frozenset[int]:
+        """The quorum ``members`` the schedule takes out at ``step``: never all of them.
+
+        A schedule keeps some replica up at every step, but that replica may be really down (killed,
+        its host lost: the schedule knows nothing of it), leaving every member of the quorum
+        scheduled-failed. Then the member whose failure window ends first (the lowest on ties) runs
+        the step, its window cut short for it: the job trains with the members that are up rather
+        than with none. A pure function of ``(step, members)``: every member decides the same.
+        """
+        members = frozenset(members)
+        failed = self.failed_at(step) & members
+        if failed and failed == members:
+            ends: dict[int, int] = {}
+            for w in self.windows:
+                if w.replica in failed and w.start <= step < w.end:
+                    ends[w.replica] = max(ends.get(w.replica, 0), w.end)
+            failed -= {min(failed, key=lambda r: (ends[r], r))}
+        return failed
 
     def failure_starts(self) -> list[int]:
         return sorted({w.start for w in self.windows})

@@ -21,9 +21,15 @@ from a live peer, or, when every replica is gone, relaunches the job from the ne
 checkpoint; when the job has already finished, a fenced replica is reported and the run is
 complete.
 
-The ledger lives in the supervisor's store (a TCPStore on 127.0.0.1 that outlives every
-replica process of a launch), one key per committed step, under the launch generation (a job
-restart replays steps from a checkpoint under a new generation, a new set of keys).
+The ledger lives in the job's store (:mod:`mecefo.jobstore`: the supervisor's TCPStore on
+127.0.0.1, or the lighthouse's job store for a group job), one key per committed step, under the
+launch generation (a job restart replays steps from a checkpoint under a new generation, a new set
+of keys). A quorum is named by its *label* (:attr:`mecefo.quorum.Membership.quorum_label`: its id
+and a digest of its members' process ids and step), not its id alone: a restarted lighthouse
+numbers its quorums from 1 again, and a stale member of the old quorum 3 must not pass for a member
+of the new one. When the store is journalled (``mecefo-lighthouse --state-dir``) a claim returns
+only once its entry is on disk, so a lighthouse restarted from its journal knows every step whose
+update any replica applied.
 
 Lineage: every committed step extends the training state's lineage, a short hash chain over
 (step, generation, quorum id) of the commits that produced it; it travels with the state (heal,
@@ -34,8 +40,11 @@ replace (:func:`mecefo.checkpoint.save_checkpoint`).
 from __future__ import annotations
 
 import hashlib
+import time
 
 from torch.distributed import Store
+
+from .jobstore import DURABLE_KEY, ledger_durable_key, ledger_key
 
 FENCED_EXIT_CODE = 76  # a replica stopped by fencing: it was behind and nobody could heal it
 ROOT_LINEAGE = "root"  # the lineage of a job's initial state (every replica builds it from the seed)
@@ -58,29 +67,49 @@ def next_lineage(lineage: str, step: int, generation: int, quorum_id: int) -> st
 class CommitLedger:
     """Which quorum committed each step of the job, in the job's store (see the module docstring)."""
 
+    DURABLE_WAIT_S = 30.0  # a journalled store acknowledges an entry within this long (else: store lost)
+
     def __init__(self, store: Store, generation: int):
-        self.store = store
+        self.store = store  # a TCPStore or a mecefo.jobstore.JobStore
         self.generation = generation
+        self.durable: bool | None = None  # whether the store is journalled (read at the first claim)
 
     def _key(self, step: int) -> str:
-        return f"ledger/{self.generation}/step/{step}"
+        return ledger_key(self.generation, step)
 
     def owner(self, step: int) -> str | None:
-        """The id of the quorum that committed ``step``, or None if nobody has yet."""
+        """The label of the quorum that committed ``step``, or None if nobody has yet."""
         key = self._key(step)
         return self.store.get(key).decode() if self.store.check([key]) else None
 
-    def check_behind(self, step: int, quorum_id: int) -> None:
+    def check_behind(self, step: int, quorum: int | str) -> None:
         """Rule 1: raise :class:`Fenced` if ``step`` was already committed (by a quorum other than this one)."""
         owner = self.owner(step)
         if owner is not None:
             raise Fenced(step, f"the job already committed step {step} (quorum {owner}) and this replica's "
-                               f"quorum {quorum_id} could not heal it: it is behind and no live replica "
+                               f"quorum {quorum} could not heal it: it is behind and no live replica "
                                "holds the job's state")
 
-    def claim(self, step: int, quorum_id: int) -> None:
-        """Rule 2: record that quorum ``quorum_id`` commits ``step``; :class:`Fenced` if another quorum did."""
-        owner = self.store.compare_set(self._key(step), "", str(quorum_id)).decode()
-        if owner != str(quorum_id):
+    def claim(self, step: int, quorum: int | str) -> None:
+        """Rule 2: record that quorum ``quorum`` (its label) commits ``step``; :class:`Fenced` if another quorum
+        did. On a journalled store, return only once the entry is on disk."""
+        owner = self.store.compare_set(self._key(step), "", str(quorum)).decode()
+        if owner != str(quorum):
             raise Fenced(step, f"step {step} was committed by quorum {owner}, not this replica's quorum "
-                               f"{quorum_id}: two quorums trained the same step, this one applies nothing")
+                               f"{quorum}: two quorums trained the same step, this one applies nothing")
+        if self.durable is None:
+            self.durable = self.store.check([DURABLE_KEY])
+        if self.durable:
+            self._wait_durable(step, quorum)
+
+    def _wait_durable(self, step: int, quorum: int | str) -> None:
+        from .jobstore import ControlPlaneLost
+
+        deadline = time.monotonic() + self.DURABLE_WAIT_S
+        while not self.store.check([ledger_durable_key(self.generation, step)]):
+            if time.monotonic() > deadline:
+                raise ControlPlaneLost(f"the job store did not journal step {step} within {self.DURABLE_WAIT_S:g} s")
+            if not self.store.check([self._key(step)]):  # a restarted store whose journal missed the claim
+                self.claim(step, quorum)
+                return
+            time.sleep(0.002)

@@ -21,13 +21,21 @@ Start-up, before training:
    (torchrun's store, or one rank 0 hosts there under srun); the ranks build the group's gloo group;
 3. rank 0 prepares the corpus and is admitted to the job through the job store: its
    configuration (model, data, batch, policy, optimizer, ranks per group; not paths or thread
-   counts) must equal the one the first group registered, and no live process may hold its group
-   index (:class:`GroupLease`); otherwise every rank exits with a one-line error (2). Admitted,
-   it writes the run directory's config.json and corpus.json.
+   counts) must equal the one the first group registered; a job whose ledger has committed steps
+   must have a running group to heal from, else only a group started with ``--resume`` from a
+   checkpoint the ledger has not passed may start (:func:`check_start`); no live process may hold
+   its group index (:class:`GroupLease`); and a group joining a running job must reach the running
+   groups first. Otherwise every rank exits with a one-line error (2). Admitted, it learns the job's
+   launch generation (:func:`launch_generation`) and writes the run
+   directory's config.json and corpus.json.
 
-Then the group trains as one replica of the job (:mod:`mecefo.replica`, :mod:`mecefo.ranks`).
-Exit codes: 0 the job's last step is committed; 1 a rank of this group is gone (the group must be
-restarted as a whole: torchrun ``--max-restarts`` does it); 2 bad configuration; 76 fenced.
+Then the group trains as one replica of the job (:mod:`mecefo.replica`, :mod:`mecefo.ranks`),
+checking after every quorum that it still holds its index (:class:`GroupGuard`). Exit codes: 0 the
+job's last step is committed; 1 the group stopped: a rank of this group is gone (the group must be
+restarted as a whole: torchrun ``--max-restarts`` does it), it is cut off from the other groups, one
+step failed more than ``--max-replays`` times, or the lighthouse and job store did not answer for
+``--lighthouse-wait`` (then rank 0 leaves a checkpoint to ``--resume`` from); 2 bad configuration, or
+nothing to start from; 76 fenced (behind the job, or replaced by another process holding its index).
 """
 
 from __future__ import annotations
@@ -40,21 +48,28 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .command import EXIT_USAGE, OneLineErrors
 from .config import TrainConfig, add_train_arguments, config_from_args
 from .failures import parse_injection
+from .jobstore import GENERATION_KEY as JOB_GENERATION_KEY, IDENTITY_KEY, LEDGER_GENERATION, ControlPlaneLost, JobStore, group_key, ledger_key
 
 EXIT_GROUP_FAILED = 1  # a rank of this group is gone: restart the whole group
 # TrainConfig fields a group may set for itself: where it writes, its threads, how it is supervised
 # and where the model and data come from: they are compared by content (job_identity: the model's identity,
 # the corpus's tokens' fingerprint)
 LOCAL_FIELDS = frozenset({"run_dir", "cache_dir", "data", "model", "threads", "resume", "max_wall_s", "inject",
-                          "restart_after", "max_restarts", "hash_state", "tokenizer", "text_field",
-                          "tokenize_workers"})
+                          "restart_after", "max_restarts", "hash_state", "max_replays", "lighthouse_wait_s",
+                          "tokenizer", "text_field", "tokenize_workers"})
 SETUP_KEY = "mecefo/setup"  # in the group's store: rank 0's verdict on the start-up, for the other ranks
+REJOIN_KEY = "mecefo/rejoin"  # in the group's store: "1" when the group joins a running job (no barrier)
+OWNER_KEY = "mecefo/owner"  # in the group's store: the lease holder the group's ranks belong to
+PROBE_S = 1.0  # a group whose address does not accept a connection within this long is unreachable
+GENERATION_KEY = "mecefo/generation"  # in the group's store: the job's launch generation, for the other ranks
 
 
 class AdmissionError(RuntimeError):
@@ -134,7 +149,7 @@ def check_same_job(store, identity: dict, group: int) -> None:
     """Register ``identity`` as the job's if it is the first; AdmissionError naming every difference if
     the job's differs."""
     mine = json.dumps(identity, sort_keys=True)
-    stored = store.compare_set("job/identity", "", mine).decode()
+    stored = store.compare_set(IDENTITY_KEY, "", mine).decode()
     if stored == mine:
         return
     theirs = json.loads(stored)
@@ -153,35 +168,35 @@ def check_same_job(store, identity: dict, group: int) -> None:
 
 class GroupLease:
     """Which process holds group index ``group`` of the job: keys ``group/<I>/owner`` and ``group/<I>/beat``
-    in the job store.
+    in the job store (and ``group/<I>/address``, where its rank 0 accepts connections).
 
-    The holder bumps ``beat`` every :attr:`BEAT_S` seconds. A process claiming an index with an owner
-    watches the beat for :attr:`WATCH_S`: if it moves, the owner is alive and the claim is refused
-    (two groups started with the same ``--group``); if not, the owner is gone (the group is being
-    restarted) and the index is taken over.
+    The holder bumps ``beat`` every :attr:`BEAT_S` seconds, through store outages (a restarted
+    lighthouse, a network cut). A process claiming an index with an owner watches the beat for
+    :attr:`WATCH_S`: if it moves, the owner is alive and the claim is refused (two groups started with
+    the same ``--group``); if not, the owner is gone (the group is being restarted, or its host is
+    paused or cut off) and the index is taken over. A holder that was taken over finds out after its
+    next quorum (:meth:`GroupGuard.taken_over`) and is fenced before it posts a gradient.
     """
 
     BEAT_S = 0.25
     WATCH_S = 1.5
 
-    def __init__(self, store_address: str, group: int, owner: str, timeout_s: float):
-        from .quorum import connect_store
-
+    def __init__(self, store_address: str, group: int, owner: str, wait_s: float):
         self.group = group
         self.owner = f"{owner} [{uuid.uuid4().hex[:8]}]"
         self._address = store_address
-        self._timeout_s = timeout_s
-        self._store = connect_store(store_address, timeout_s)
+        self._store = JobStore(store_address, wait_s)
         self._stop = threading.Event()
         self._beating: threading.Thread | None = None
 
     def _key(self, name: str) -> str:
-        return f"group/{self.group}/{name}"
+        return group_key(self.group, name)
 
-    def acquire(self) -> None:
-        """Hold the index (and keep holding it from a daemon thread); AdmissionError if a live process does."""
+    def acquire(self, address: str) -> None:
+        """Hold the index (and keep holding it from a daemon thread), advertising ``address`` (HOST:PORT where
+        this group accepts connections); AdmissionError if a live process holds it."""
         store = self._store
-        previous = store.get(self._key("owner")).decode() if store.check([self._key("owner")]) else ""
+        previous = store.get_or(self._key("owner"), "")
         if previous:
             before = store.add(self._key("beat"), 0)
             time.sleep(self.WATCH_S)
@@ -191,24 +206,154 @@ class GroupLease:
         if store.compare_set(self._key("owner"), previous, self.owner).decode() != self.owner:
             raise AdmissionError(f"group {self.group} was claimed by another process at the same time: two groups "
                                  f"were started with --group {self.group}")
+        store.set(self._key("address"), address)
         self._beating = threading.Thread(target=self._beat, name=f"group-{self.group}-lease", daemon=True)
         self._beating.start()
 
     def _beat(self) -> None:
-        from .quorum import connect_store
-
-        try:
-            store = connect_store(self._address, self._timeout_s)  # its own connection: the main one is not shared
-            while not self._stop.wait(self.BEAT_S):
+        store = JobStore(self._address, wait_s=4 * self.BEAT_S)  # its own connection: the main one is not shared
+        while not self._stop.wait(self.BEAT_S):
+            try:
                 store.add(self._key("beat"), 1)
-        except RuntimeError:  # the job store is gone: the job is over
-            return
+            except ControlPlaneLost:  # the store is gone for now: keep trying, it may come back
+                pass
 
     def release(self) -> None:
         """Stop beating (the index is free once a successor has watched the beat stand still)."""
         self._stop.set()
         if self._beating is not None:
             self._beating.join(timeout=5)
+
+
+def live_groups(store: JobStore, groups: int, exclude: int) -> list[int]:
+    """Group indices other than ``exclude`` whose holder's beat moves (watched for GroupLease.WATCH_S)."""
+    before = [store.add(group_key(g, "beat"), 0) for g in range(groups)]
+    time.sleep(GroupLease.WATCH_S)
+    return [g for g in range(groups) if g != exclude and store.add(group_key(g, "beat"), 0) != before[g]]
+
+
+def committed_steps(store: JobStore) -> int:
+    """How many steps the job's ledger holds (steps 0 .. n-1 are committed; found in O(log n) look-ups)."""
+    def done(step: int) -> bool:
+        return store.check([ledger_key(LEDGER_GENERATION, step)])
+
+    if not done(0):
+        return 0
+    high = 1
+    while done(high):
+        high *= 2
+    low = high // 2  # done(low), not done(high)
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if done(mid) else (low, mid)
+    return high
+
+
+def check_start(store: JobStore, group: int, groups: int, resume: bool, checkpoint_step: int | None) -> list[int]:
+    """Whether this group may start, and how: the running groups when it joins a running job (it heals from
+    them, no launch barrier), [] when it starts the job (fresh, or from its checkpoint). AdmissionError when
+    the job has committed steps that no running group holds and this group cannot continue from them."""
+    committed = committed_steps(store)
+    if committed == 0:
+        return []
+    running = live_groups(store, groups, group)
+    if running:
+        return running
+    if not resume:
+        raise AdmissionError(f"the job has committed {committed} steps (the lighthouse's ledger) and no group is "
+                             f"running to heal from: group {group} was started without --resume and would train "
+                             "from step 0; start every group with --resume to continue from the newest checkpoint")
+    if checkpoint_step is None or checkpoint_step < committed:
+        found = "none" if checkpoint_step is None else f"step {checkpoint_step}"
+        raise AdmissionError(f"--resume: the newest checkpoint here is {found}, but the job's ledger has committed "
+                             f"{committed} steps and no group is running that holds them; to redo the steps since "
+                             "the checkpoint start a fresh lighthouse (a new --state-dir)")
+    return []
+
+
+def leaves(members: Iterable[int], me: int, unreachable: Iterable[int]) -> bool:
+    """Whether group ``me`` is the side of a split quorum that leaves: it reaches (itself included) at most
+    half of the quorum's groups, and exactly half only when the lowest index is on the other side. Every
+    side computes the same split from the same quorum, so at most one side of a two-way split stays."""
+    members = set(members)
+    reach = members - set(unreachable)
+    if 2 * len(reach) > len(members):
+        return False
+    return 2 * len(reach) < len(members) or min(members) not in reach
+
+
+def _answers(address: str) -> bool:
+    from .quorum import split_address
+
+    host, port = split_address(address, "group address")
+    try:
+        socket.create_connection((host, port), timeout=PROBE_S).close()
+        return True
+    except OSError:
+        return False
+
+
+class GroupGuard:
+    """A group's checks besides torchft's quorum, asked by :class:`mecefo.replica.Replica` on every rank (so
+    that all ranks wait on the job store alike): whether the group's index was taken over from ``owner`` (the
+    lease holder this process belongs to), and whether the group is the one cut off from the others."""
+
+    def __init__(self, owner: str, store: JobStore, group: int):
+        self.owner = owner
+        self.store = store
+        self.group = group
+
+    def taken_over(self) -> str | None:
+        """The process now holding this group's index if it is not this group's lease holder (None: still held)."""
+        owner = self.store.get_or(group_key(self.group, "owner"), "")
+        return None if owner == self.owner else owner or "nobody"
+
+    def unreachable(self, groups: Iterable[int]) -> list[int]:
+        """Which of ``groups`` do not accept a connection at their advertised address (probed together)."""
+        groups = sorted(set(groups) - {self.group})
+        addresses = [self.store.get_or(group_key(g, "address")) for g in groups]
+        with ThreadPoolExecutor(max_workers=max(1, min(32, len(groups)))) as pool:
+            answers = list(pool.map(lambda a: a is not None and _answers(a), addresses))
+        return [g for g, ok in zip(groups, answers) if not ok]
+
+    def cut_off(self, members: Iterable[int]) -> str | None:
+        """Why this group should leave the job (:func:`leaves`), or None."""
+        members = sorted(set(members))
+        unreachable = self.unreachable(members)
+        if not leaves(members, self.group, unreachable):
+            return None
+        return (f"group {self.group} cannot reach groups {unreachable} of its quorum {members} though the lighthouse "
+                "answers: leaving the job so that it goes on without this group; start it again once the network "
+                "is back (it waits until it reaches the running groups, then heals)")
+
+    def wait_reachable(self, groups: Iterable[int], timeout_s: float) -> None:
+        """Before joining a running job: AdmissionError unless every one of ``groups`` answers within ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while unreachable := self.unreachable(groups):
+            if time.monotonic() > deadline:
+                where = ", ".join(f"{g} at {self.store.get_or(group_key(g, 'address'), '?')}" for g in unreachable)
+                raise AdmissionError(f"group {self.group} cannot reach the running groups ({where}) within "
+                                     f"{timeout_s:g} s (--connect-timeout): is the network between the groups up?")
+            time.sleep(PROBE_S / 2)
+
+
+def launch_generation(job_store, run_dir: Path) -> int:
+    """The launch generation of the job this group joins (a :class:`mecefo.jobstore.JobStore`, or any store
+    with compare_set; the group's run directory).
+
+    The first group admitted through a job store fixes it: one past the newest generation in its run
+    directory's records (0 in a new one); every later group, of this launch or restarted into it, takes
+    it from the store (key ``job/generation``: a lighthouse restarted from its state must keep it). So a
+    job resumed with a fresh lighthouse (README: "Checkpoints") is a new generation, as a relaunch of the
+    single-host launcher is: its records and lineage are told apart from the copies of the steps it
+    redoes that the interrupted launch left, and the report keeps the newest. The store's own keys
+    (ledger, launch barrier) need no generation: a job store serves one launch (they stay under 0).
+    """
+    from .report import newest_generation, read_metrics
+
+    newest = newest_generation(read_metrics(run_dir))
+    proposal = "0" if newest is None else str(newest + 1)
+    return int(job_store.compare_set(JOB_GENERATION_KEY, "", proposal).decode())
 
 
 def _is_loopback(host: str) -> bool:
@@ -303,12 +448,14 @@ def _run_group(parser, cfg: TrainConfig, args, place: RankPlace, *, lighthouse: 
                advertise: str) -> int:
     from torch.distributed import PrefixStore
 
+    from .checkpoint import list_checkpoints
     from .data import check_length, prepare_corpus
+    from .deadlines import CutOff, ReplaysExhausted
     from .fencing import FENCED_EXIT_CODE, Fenced
     from .models import check_model
     from .quorum import BoundStore, connect_store
     from .ranks import GroupFailed, IntraGroup
-    from .replica import Replica, die_with
+    from .replica import CHECKPOINT_DIR, Replica, die_with
 
     if place.under_torchrun:  # a rank outliving its torchrun agent would hold the group index for nobody
         die_with(os.getppid())
@@ -327,7 +474,7 @@ def _run_group(parser, cfg: TrainConfig, args, place: RankPlace, *, lighthouse: 
     store = connect_store(store_address, max(timeout_s, cfg.quorum_timeout_s))
     ranks = IntraGroup.connect(PrefixStore("mecefo/intra", store), place.rank, place.world_size, cfg.timeout_s)
 
-    lease = None
+    lease = guard = None
     if place.rank == 0:
         try:
             corpus = prepare_corpus(cfg.data, cache_dir=cfg.cache_dir, val_percent=cfg.val_percent,
@@ -335,32 +482,52 @@ def _run_group(parser, cfg: TrainConfig, args, place: RankPlace, *, lighthouse: 
                                     workers=cfg.tokenize_workers, progress=True)
             check_length(corpus, cfg.seq_len)
             model = check_model(cfg, corpus)
-            check_same_job(connect_store(job_store, timeout_s),
-                           job_identity(cfg, corpus.fingerprint, place.world_size, model), args.group)
+            job = JobStore(job_store, timeout_s)
+            check_same_job(job, job_identity(cfg, corpus.fingerprint, place.world_size, model), args.group)
+            newest = list_checkpoints(cfg.run_path / CHECKPOINT_DIR) if cfg.resume else []
+            running = check_start(job, args.group, cfg.replicas, cfg.resume, newest[0][0] if newest else None)
             lease = GroupLease(job_store, args.group, f"{socket.gethostname()} pid {os.getpid()} at {advertise}",
-                               timeout_s)
-            lease.acquire()
+                               cfg.lighthouse_wait_s)
+            lease.acquire(group_store.address)
+            guard = GroupGuard(lease.owner, JobStore(job_store, cfg.lighthouse_wait_s), args.group)
+            if running:  # join only once the running groups can be reached (else it would fail their steps)
+                guard.wait_reachable(running, timeout_s)
+            generation = launch_generation(job, cfg.run_path)
             write_group_run_dir(cfg, corpus, model)  # admitted: nothing is written by a group that is refused
-        except (ValueError, OSError, ImportError, AdmissionError) as e:
+        except (ValueError, OSError, ImportError, AdmissionError, ControlPlaneLost) as e:
+            if lease is not None:
+                lease.release()
             store.set(SETUP_KEY, str(e) or type(e).__name__)
             if isinstance(e, ValueError):
                 parser.config_error(e)  # names the option when the error names its field
             parser.error(str(e))
+        store.set(REJOIN_KEY, "1" if running or place.attempt > 0 else "")
+        store.set(OWNER_KEY, lease.owner)
+        store.set(GENERATION_KEY, str(generation))
         store.set(SETUP_KEY, "")
     elif store.get(SETUP_KEY).decode():  # rank 0 said why on the console
         return EXIT_USAGE
+    else:
+        guard = GroupGuard(store.get(OWNER_KEY).decode(), JobStore(job_store, cfg.lighthouse_wait_s), args.group)
+        generation = int(store.get(GENERATION_KEY).decode())
 
     replica = None
     try:
         replica = Replica(cfg, args.group, lighthouse=lighthouse, barrier=job_store, ranks=ranks,
                           group_store=store_address, advertise=advertise, device_index=place.local_rank,
-                          rejoin=place.attempt > 0, resume=cfg.resume)
+                          generation=generation, store_generation=LEDGER_GENERATION,
+                          rejoin=bool(store.get(REJOIN_KEY).decode()), resume=cfg.resume, guard=guard)
         return replica.run()
     except Fenced as e:
         replica.report_fenced(e)
         return FENCED_EXIT_CODE
-    except (GroupFailed, TimeoutError) as e:
+    except (GroupFailed, TimeoutError, CutOff) as e:
         print(f"mecefo-group: group {args.group}: {e}", file=sys.stderr, flush=True)
+        return EXIT_GROUP_FAILED
+    except (ControlPlaneLost, ReplaysExhausted) as e:  # the job cannot go on: leave a checkpoint to resume from
+        saved = replica.save_resumable() if replica is not None else None
+        then = f"; checkpoint {saved} (restart with --resume)" if saved else ""
+        print(f"mecefo-group: group {args.group}: rank {place.rank}: {e}{then}", file=sys.stderr, flush=True)
         return EXIT_GROUP_FAILED
     finally:
         if replica is not None:

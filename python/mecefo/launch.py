@@ -49,7 +49,8 @@ from .failures import injections_dir, load_schedule, parse_injection
 from .fencing import FENCED_EXIT_CODE
 from .report import EVENTS_FILE, METRICS_DIR, MetricsWriter, read_jsonl, write_report
 from .models import check_model
-from .replica import CHECKPOINT_DIR, CORPUS_FILE, FINAL_DIR, MODEL_FILE, RESTART_EXIT_CODE, RESTART_REQUEST_FILE
+from .replica import (CHECKPOINT_DIR, CORPUS_FILE, FINAL_DIR, GAVE_UP_EXIT_CODE, MODEL_FILE, RESTART_EXIT_CODE,
+                      RESTART_REQUEST_FILE)
 
 POLL_S = 0.05
 EXIT_INCOMPLETE = 1  # aborted, or ended without committing every step
@@ -106,6 +107,7 @@ class _MetricsTail:
         self.holding: list[tuple[int, float]] = []  # (replica, time): it healed or committed a step
         self.final_checkpoint = False  # the checkpoint of the last step was written
         self.final_eval = False  # the evaluation after the last step was recorded
+        self.gave_up: dict[int, str] = {}  # replica -> why it ended the run (--max-replays)
 
     def poll(self) -> None:
         if not self.dir.is_dir():
@@ -135,10 +137,13 @@ class _MetricsTail:
                     self.final_checkpoint = True
                 elif event == "eval" and r["step"] == self.steps:
                     self.final_eval = True
+                elif event == "gave_up":
+                    self.gave_up[r["replica"]] = r["reason"]
 
 
 class Supervisor:
     def __init__(self, cfg: TrainConfig, *, progress: bool = True, prog: str = "mecefo"):
+        from .jobstore import READY_KEY
         from .quorum import LoopbackStore, start_lighthouse
 
         self.cfg = cfg
@@ -154,6 +159,7 @@ class Supervisor:
         self.lighthouse, self.lighthouse_addr = start_lighthouse(
             min_replicas=cfg.min_replicas, heartbeat_timeout_s=cfg.heartbeat_timeout_s)
         self.barrier = LoopbackStore()  # the job's store: launch barrier and commit ledger (mecefo.fencing)
+        self.barrier.store.set(READY_KEY, "1")
         self.procs: dict[int, subprocess.Popen] = {}
         self.finished: set[int] = set()
         self.dead: dict[int, int] = {}  # replica -> committed steps when it died
@@ -270,6 +276,9 @@ class Supervisor:
                 self.finished.add(replica)
             elif code == FENCED_EXIT_CODE and self.finished:
                 self.say(f"replica {replica} was fenced: it fell behind a job that has finished without it")
+            elif code == GAVE_UP_EXIT_CODE:
+                self.tail.poll()
+                raise RunAborted(f"replica {replica}: {self.tail.gave_up.get(replica, 'it gave up (--max-replays)')}")
             elif code == RESTART_EXIT_CODE or self.cfg.resolved_policy.restart:
                 self._restart_job(f"replica {replica} exited with {code}")
                 return

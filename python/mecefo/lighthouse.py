@@ -9,6 +9,11 @@ Runs, until SIGINT or SIGTERM:
   job's configuration every group must match, and which process holds each group index
   (:mod:`mecefo.group`).
 
+With ``--state-dir DIR`` the job store's lasting part (the ledger, the job's configuration, the
+groups' holders) is journalled in DIR (:class:`mecefo.jobstore.Journal`): a lighthouse that died
+can be started again with the same ``--bind`` and ``--state-dir``, and the groups, which wait for it
+(``--lighthouse-wait``), carry on from where they were; no step is lost or applied twice.
+
 Neither is authenticated: anyone who can reach them can join the job or disturb it. The default
 bind is loopback; on a cluster bind the cluster's private interface, never a public one.
 """
@@ -50,13 +55,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--join-timeout", type=float, default=30.0,
                         help="seconds a quorum waits for a live group that has not asked to join yet "
                              "(default %(default)s)")
+    parser.add_argument("--state-dir", metavar="DIR",
+                        help="journal the job store's ledger, configuration and group holders in DIR, and load "
+                             "them when started again with the same DIR: the groups then carry on (default: "
+                             "nothing kept, a restarted lighthouse starts a new job)")
     args = parser.parse_args(argv)
+    from .jobstore import READY_KEY, Journal
     from .quorum import BoundStore, split_address, start_lighthouse
 
     try:
         host, _ = split_address(args.bind, "--bind")
     except ValueError as e:
         parser.error(str(e))
+    journal = None
+    if args.state_dir:
+        try:
+            journal = Journal(args.state_dir)
+        except OSError as e:
+            parser.error(f"argument --state-dir: cannot use {args.state_dir}: {e.strerror or e}")
     if args.min_replicas < 1:
         parser.error(f"argument --min-replicas: must be >= 1, got {args.min_replicas}")
     for name in ("heartbeat_timeout", "join_timeout"):
@@ -75,15 +91,33 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         server.shutdown()
         parser.error(f"argument --store-port: cannot listen on {host}:{store_port}: {e.strerror or e}")
-    print(f"mecefo-lighthouse: lighthouse {address} job-store {store.address} (unauthenticated; "
-          f"min replicas {args.min_replicas}, heartbeat timeout {args.heartbeat_timeout:g} s)", flush=True)
     stop = threading.Event()
+    keeping = None
+    if journal is not None:
+        journal.restore(store.store)
+        keeping = threading.Thread(target=journal.run, args=(_client(store), stop), name="journal", daemon=True)
+        keeping.start()
+    store.store.set(READY_KEY, "1")  # clients wait for this after connecting: the restored state is in
+    kept = f"; {journal.describe()}" if journal is not None else ""
+    print(f"mecefo-lighthouse: lighthouse {address} job-store {store.address} (unauthenticated; "
+          f"min replicas {args.min_replicas}, heartbeat timeout {args.heartbeat_timeout:g} s{kept})", flush=True)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     while not stop.wait(0.5):  # a timed wait: the signal handler runs between waits
         pass
+    if keeping is not None:
+        keeping.join(timeout=5)
+        journal.close()
     server.shutdown()
     return 0
+
+
+def _client(store):
+    """A connection of this process to its own job store (the journal's: the server object is not shared
+    between threads)."""
+    from .quorum import connect_store
+
+    return connect_store(store.address, 60)
 
 
 if __name__ == "__main__":

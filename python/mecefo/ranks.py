@@ -101,13 +101,17 @@ class IntraGroup:
         pg = dist.ProcessGroupGloo(store, rank, world_size, timedelta(seconds=timeout_s))
         return cls(rank, world_size, pg)
 
-    def allreduce_sum(self, tensor: torch.Tensor) -> bool:
+    def allreduce_sum(self, tensor: torch.Tensor, timeout_s: float | None = None) -> bool:
         """In-place SUM over the group's ranks; always True (a :data:`mecefo.sync.AllReduceSum`): a rank
-        that is gone raises :class:`GroupFailed` instead, since the group cannot go on without it."""
+        that is gone raises :class:`GroupFailed` instead, since the group cannot go on without it.
+        ``timeout_s``: how long to wait for the other ranks (default: the group's timeout)."""
         if self.pg is None:
             return True
+        opts = dist.AllreduceOptions()
+        if timeout_s is not None:
+            opts.timeout = timedelta(seconds=timeout_s)
         try:
-            self.pg.allreduce([tensor]).wait()
+            self.pg.allreduce([tensor], opts).wait()
         except RuntimeError as e:
             raise GroupFailed(f"rank {self.rank}: a rank of this group is gone ({str(e).splitlines()[0][:200]}); "
                               "the group stops and is restarted as a whole") from None

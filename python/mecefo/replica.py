@@ -12,7 +12,9 @@ Every step:
 4. gradient SUM all-reduce and the MeCeFO normalisers (:mod:`mecefo.sync`), global loss;
 5. torchft's commit: the update is applied only if nothing failed; otherwise the step is
    discarded and replayed with the new quorum (batches are a function of the step, so the
-   replay sees the same data). A step is thus never applied twice nor lost;
+   replay sees the same data). A step is thus never applied twice nor lost. How long the
+   collectives wait follows the plan's imbalance, and a step discarded more than
+   ``--max-replays`` times in a row ends the run (:mod:`mecefo.deadlines`);
 6. metrics, and periodically a checkpoint (written by the lowest live replica) and evaluation.
 
 A replica may be a group of G ranks (``mecefo.group``, :mod:`mecefo.ranks`): each rank runs its
@@ -24,8 +26,12 @@ a group of one rank.
 Fencing (:mod:`mecefo.fencing`): after the quorum, a replica whose step the job already committed
 is behind with nobody to heal from, and every commit claims its step for its quorum in the job's
 ledger first; a replica that fails either rule applies nothing, writes nothing and exits with
-FENCED_EXIT_CODE. Exit codes: 0 the job's last step is committed; RESTART_EXIT_CODE (policy
-restart); FENCED_EXIT_CODE; anything else is a crash.
+FENCED_EXIT_CODE. A group (``guard``, :class:`mecefo.group.GroupGuard`) also checks after every
+quorum that it still holds its index (a replaced holder is fenced before it posts a gradient); a
+quorum that lists one index twice trains nothing; and a group whose steps keep failing while the
+others cannot be reached leaves the job. Exit codes: 0 the job's last step is committed;
+RESTART_EXIT_CODE (policy restart); FENCED_EXIT_CODE; GAVE_UP_EXIT_CODE (replays exhausted, the
+run ends); anything else is a crash.
 """
 
 from __future__ import annotations
@@ -45,7 +51,9 @@ from .config import HASH_STATE_MAX_PARAMS, TrainConfig
 from .data import Batches, CorpusFiles
 from .failures import Injector, load_schedule, parse_injection
 from .costs import WorkCosts, neighbour_flop_ratio
+from .deadlines import CutOff, Deadlines, ReplayBudget, ReplaysExhausted
 from .fencing import FENCED_EXIT_CODE, ROOT_LINEAGE, CommitLedger, Fenced, next_lineage
+from .jobstore import JobStore
 from .membership import plan_step
 from .model import compute_context, evaluate, optimizer_hash, parameter_hash, replica_device, run_work
 from .models import ModelSource, build_model, export_model, model_vocab, resolve_model_source
@@ -57,6 +65,8 @@ from .report import METRICS_DIR, MetricsWriter, metrics_path
 from .sync import GradientSync
 
 RESTART_EXIT_CODE = 75  # policy restart: this replica asks the supervisor to restart the whole job
+GAVE_UP_EXIT_CODE = 77  # a step was discarded more than --max-replays times in a row: the run ends
+PROBE_AFTER = 2  # discarded attempts of one step in a row after which a group probes the others (guard)
 CHECKPOINT_DIR = "checkpoints"
 CORPUS_FILE = "corpus.json"
 MODEL_FILE = "model.json"  # the model's identity (mecefo.models.model_identity), written before any replica starts
@@ -86,13 +96,14 @@ class Replica:
 
     ``group_store`` (HOST:PORT) is the group's store hosted by its rank 0 (None: a replica of one
     rank hosts its own); ``advertise`` is the address this rank's servers bind and are reached at;
-    ``device_index`` picks the GPU (None: the replica index).
+    ``device_index`` picks the GPU (None: the replica index); ``store_generation`` keys this launch's
+    ledger and launch barrier in the job's store (None: ``generation``).
     """
 
     def __init__(self, cfg: TrainConfig, replica: int, *, lighthouse: str, barrier: str | None = None,
                  generation: int = 0, rejoin: bool = False, resume: bool = False, restart_consumed: int = -1,
                  ranks: IntraGroup | None = None, group_store: str | None = None, advertise: str = LOOPBACK,
-                 device_index: int | None = None):
+                 device_index: int | None = None, store_generation: int | None = None, guard=None):
         start = time.time()
         self.cfg = cfg
         self.replica = replica
@@ -138,23 +149,32 @@ class Replica:
         self.episode_open = False
         self.healed = False
         self.generation = generation
+        # this launch's keys in the job's store (ledger, launch barrier): the supervisor's store outlives a job
+        # restart, so they are the generation's; a group job's store serves one launch (mecefo.group)
+        store_generation = generation if store_generation is None else store_generation
         self.lineage = ROOT_LINEAGE  # of the training state: extended by every commit (mecefo.fencing)
         self.dropped = 0  # sequences dropped at the last committed step (warn on change)
+        self.guard = guard
+        self.deadlines = Deadlines(cfg.timeout_s)
+        self.replays = ReplayBudget(cfg.max_replays)
+        # a state transfer's largest message: the largest tensor (parameters and AdamW moments share shapes)
+        self.largest_message = max(p.numel() * p.element_size() for p in self.model.parameters())
+        self.grad_bytes = sum(p.numel() * p.element_size() for _, p in self.sync.params)
 
         self.membership = Membership(
             replica=replica, lighthouse=lighthouse, state_dict=self.state_dict,
             load_state_dict=self.load_state_dict, min_replicas=cfg.min_replicas, timeout_s=cfg.timeout_s,
-            quorum_timeout_s=cfg.quorum_timeout_s,
+            quorum_timeout_s=cfg.quorum_timeout_s, lighthouse_wait_s=cfg.lighthouse_wait_s,
             on_quorum=(lambda: self.injector.fire("quorum", self.membership.step)) if self._has("quorum") else None,
             on_send=self._on_send if self._has("send") else None,
-            ledger=CommitLedger(connect_store(barrier, cfg.quorum_timeout_s), generation) if barrier else None,
+            ledger=CommitLedger(JobStore(barrier, cfg.lighthouse_wait_s), store_generation) if barrier else None,
             group_store=group_store, group_rank=ranks.rank, group_world_size=ranks.world_size, advertise=advertise)
         if resume:
             self._resume()
         self.metrics.write(event="start", replica=replica, pid=os.getpid(), generation=generation, rejoin=rejoin,
                            step=self.membership.step, ready_time=time.time(), init_s=time.time() - start)
         if barrier and not rejoin:
-            self._launch_barrier(barrier, generation, ranks=cfg.replicas * ranks.world_size)
+            self._launch_barrier(barrier, store_generation, ranks=cfg.replicas * ranks.world_size)
 
     # ---- state: what a rejoining replica receives and a checkpoint holds ------------------------
 
@@ -233,8 +253,11 @@ class Replica:
     def run(self) -> int:
         """Train until cfg.steps updates are committed; the exit code (0, or RESTART_EXIT_CODE)."""
         last_commit = time.perf_counter()
-        attempts = 0
         while True:
+            replay = self.replays.replay(self.membership.step)
+            # until the plan is known (a heal happens inside the quorum): the floor, and the transfer's own
+            self.membership.set_deadlines(self.deadlines.collective_s(0, 0, replay),
+                                          self.deadlines.transfer_s(self.largest_message, replay))
             t0 = time.perf_counter()
             self.healed = False
             self.membership.start_quorum()
@@ -244,8 +267,17 @@ class Replica:
                 self.metrics.write(event="healed", replica=self.replica, step=step, seconds=timing["quorum_s"])
             if step >= self.cfg.steps:
                 break
-            attempts += 1
-            if self._errored():  # the quorum or the healing failed: no step, straight to the commit
+            replay = self.replays.replay(step)
+            taken_over = self.guard.taken_over() if self.guard is not None else None
+            errored, replaced = self._group_flags(self.membership.errored(), taken_over is not None)
+            if replaced:  # another process holds this group's index now: never post a gradient beside it
+                raise Fenced(step, f"group {self.replica}'s index is held by {taken_over or 'another process'}: "
+                                   "this process was replaced while it was paused or cut off")
+            twins = self.membership.twins
+            if twins or errored:  # no step: straight to the (refused) commit
+                if twins:  # both holders' gradients would be summed while counted once: nobody trains this quorum
+                    self.membership.report_error(f"group index {list(twins)} is held by two processes in this "
+                                                 "quorum (a replaced group whose old holder still runs)")
                 self.membership.abort()
                 self.membership.commit()
                 self._discard(step, timing["quorum_s"])
@@ -254,21 +286,20 @@ class Replica:
             self.injector.fire("step", step)
             if self.policy.restart and self._scheduled_restart(step):
                 return RESTART_EXIT_CODE
-            record = self._train_step(step)
+            record = self._train_step(step, replay)
             if record is None:
                 self._discard(step, timing["quorum_s"])
                 continue
             now = time.perf_counter()
             step_s, last_commit = now - last_commit, now
-            self.lineage = next_lineage(self.lineage, step, self.generation, record["quorum_id"])
-            record.update(timing, step_s=step_s, tokens_per_s=record["tokens"] / step_s, attempts=attempts,
+            self.lineage = next_lineage(self.lineage, step, self.generation, self.membership.quorum_label)
+            record.update(timing, step_s=step_s, tokens_per_s=record["tokens"] / step_s, attempts=replay + 1,
                           generation=self.generation, lineage=self.lineage)
             if self.hash_state:
                 record.update(param_hash=parameter_hash(self.model), optim_hash=optimizer_hash(self.optimizer))
             if self.ranks.world_size > 1:
                 record["group_rank"] = self.ranks.rank
             self.metrics.write(**record)
-            attempts = 0
             if record["dropped_sequences"] and record["dropped_sequences"] != self.dropped:
                 self._warn(f"step {step}: sequences dropped, too few replicas to take them over ({record['plan']})")
             self.dropped = record["dropped_sequences"]
@@ -277,24 +308,29 @@ class Replica:
             self._evaluate(self.cfg.steps)
         return 0
 
-    def _errored(self) -> bool:
-        """Whether the quorum or the healing failed on any rank of this group (all ranks then skip the step
-        together: their intra-group collectives must match)."""
+    def _group_flags(self, *flags: bool) -> list[bool]:
+        """Each flag, true if it is true on any rank of this group (all ranks then act alike: their
+        intra-group collectives must match). A rank may still be waiting for the job store (every rank
+        asks it, each on its own connection): the others wait as long as it may."""
         if self.ranks.world_size == 1:
-            return self.membership.errored()
-        flag = torch.tensor([1.0 if self.membership.errored() else 0.0])
-        self.ranks.allreduce_sum(flag)
-        return flag.item() > 0
+            return list(flags)
+        summed = torch.tensor([1.0 if f else 0.0 for f in flags])
+        self.ranks.allreduce_sum(summed, timeout_s=self.cfg.timeout_s + self.cfg.lighthouse_wait_s)
+        return [v > 0 for v in summed.tolist()]
 
-    def _train_step(self, step: int) -> dict | None:
-        """Plan, forward/backward, gradient sync, commit: the committed step's record, or None if discarded."""
+    def _train_step(self, step: int, replay: int) -> dict | None:
+        """Plan, forward/backward, gradient sync, commit: the committed step's record, or None if discarded.
+        ``replay``: how many attempts of this step were discarded before (the deadlines grow with it)."""
         cfg = self.cfg
         members = self.membership.members
-        failed = frozenset() if self.policy.restart else self.schedule.failed_at(step)
+        failed = frozenset() if self.policy.restart else self.schedule.failed_among(step, members)
         plan = plan_step(cfg.replicas, [r for r in members if r not in failed], self.policy,
                          sequences=self.batches.micro_batch, costs=self.costs, max_load=cfg.max_load,
                          penalty=cfg.auto_penalty, drop_penalty=cfg.auto_drop_penalty)
         items = plan.items_of(self.replica)
+        load = plan.load(self.replica, self.costs)  # this group's work, in normal shards
+        deadline_s = self.deadlines.collective_s(load, plan.step_time(self.costs), replay)
+        self.membership.set_deadlines(deadline_s, self.deadlines.transfer_s(self.largest_message, replay))
         if self.ranks.world_size > 1:
             items = rank_items(items, self.ranks.rank, self.ranks.world_size)
         needs_bases = plan.runs_neighbour_mode()
@@ -312,14 +348,17 @@ class Replica:
 
         t1 = time.perf_counter()
         contributes = bool(items)
-        stats = torch.tensor([loss_sum, shards], dtype=torch.float64)  # summed: global loss
+        # summed: the global loss, and the job's compute seconds per shard of work (the deadlines' unit)
+        stats = torch.tensor([loss_sum, shards, compute_s, load], dtype=torch.float64)
         if self.ranks.world_size > 1:
             # the group's sums first, on every rank whatever happens across groups next (the ranks'
             # intra-group collectives must match); then every rank sums its group's with the other groups'
             self.sync.reduce(self.ranks.allreduce_sum, contributes=contributes)
             self.ranks.allreduce_sum(stats)
             contributes = True
+        t_grad = time.perf_counter()
         ok = self.sync.reduce(self._allreduce_sum, contributes=contributes)
+        grad_s = time.perf_counter() - t_grad
         ok = ok and self.membership.allreduce_sum(stats)
         if ok:
             self.sync.normalise(plan.normalisers())
@@ -335,10 +374,13 @@ class Replica:
             return None
         self.optimizer.step()
         self.episode_open = needs_bases
-        processed = stats[1].item()
+        self.deadlines.observe_compute(stats[2].item(), stats[3].item())
+        self.deadlines.observe_allreduce(self.grad_bytes, grad_s)
+        processed = stats[1].item()  # the job's shards run this step, in group shards of G data shards each
         return dict(step=step, replica=self.replica, policy=cfg.policy, plan_policy=plan.policy.name,
                     time=time.time(), loss=stats[0].item() / processed, lr=lr,
-                    tokens=round(processed * cfg.tokens_per_shard), compute_s=compute_s, sync_s=sync_s,
+                    tokens=round(processed * self.ranks.world_size * cfg.tokens_per_shard), compute_s=compute_s,
+                    sync_s=sync_s,
                     members=list(members), live=list(plan.live), scheduled_failed=sorted(failed),
                     neighbours={str(d): o[0] if len(o) == 1 else list(o) for d, o in plan.owners.items()},
                     dropped=list(plan.dropped), dropped_sequences=plan.dropped_sequences, plan=plan.describe(),
@@ -346,7 +388,7 @@ class Replica:
                     work=[[i.shard, i.start, i.stop, i.mode] for i in items],
                     neighbour=plan.is_neighbour(self.replica), neighbour_mode=plan.runs_neighbour_mode(self.replica),
                     predicted_step=plan.step_time(self.costs), bases_refreshed=refreshed, bases_step=self.bases_step,
-                    quorum_id=self.membership.quorum_id)
+                    quorum_id=self.membership.quorum_id, deadline_s=deadline_s)
 
     def _allreduce_sum(self, tensor: torch.Tensor) -> bool:
         step = self.membership.step
@@ -358,10 +400,25 @@ class Replica:
         return self.membership.allreduce_sum(tensor)
 
     def _discard(self, step: int, quorum_s: float) -> None:
-        """Record a step whose commit was refused: no update; it is replayed from the next quorum."""
-        reason = self.membership.error() or "a peer failed"
+        """Record a step whose commit was refused: no update; it is replayed from the next quorum.
+
+        :class:`ReplaysExhausted` past ``--max-replays`` (a quorum below ``--min-replicas`` is waited out,
+        not counted). A group whose step failed :data:`PROBE_AFTER` times in a row probes the other
+        groups of the quorum; if it is the one cut off from them (:meth:`mecefo.group.GroupGuard.cut_off`),
+        it leaves (:class:`CutOff`) so the job goes on.
+        """
+        too_few = self.membership.too_few()
+        reason = self.membership.error() or ("too few replicas (--min-replicas)" if too_few else "a peer failed")
         self.metrics.write(event="discarded", replica=self.replica, step=step, time=time.time(),
                            quorum_s=quorum_s, reason=reason)
+        if too_few and not self.membership.errored():
+            return
+        self.replays.discard(step, reason)
+        if self.guard is not None and self.replays.discarded >= PROBE_AFTER:
+            why = self.guard.cut_off(self.membership.members)
+            (leave,) = self._group_flags(why is not None)
+            if leave:
+                raise CutOff(why or "another rank found this group cut off from the others")
 
     def _scheduled_restart(self, step: int) -> bool:
         if step in self.schedule.failure_starts() and step > self.restart_consumed:
@@ -408,6 +465,26 @@ class Replica:
         self.metrics.write(event="eval", replica=self.replica, step=done, val_loss=val,
                            val_ppl=float(torch.tensor(val).exp()), seconds=time.perf_counter() - t0)
 
+    def save_resumable(self) -> Path | None:
+        """A checkpoint of the committed state, for a run that ends without its lighthouse (rank 0 only; None
+        when nothing was committed or a newer checkpoint, or one of another lineage, is already there)."""
+        done = self.membership.step
+        if self.ranks.rank != 0 or done == 0:
+            return None
+        state = self.state_dict()
+        state["manager"] = self.membership.manager_state()
+        try:
+            saved = ckpt.save_checkpoint(self.run_dir / CHECKPOINT_DIR, done, state, lineage=self.lineage)
+        except ckpt.StaleCheckpointError:
+            return None
+        self.metrics.write(event="checkpoint", replica=self.replica, step=done, path=str(saved.path),
+                           bytes=saved.nbytes, seconds=saved.seconds)
+        return saved.path
+
+    def give_up(self, reason: str) -> None:
+        """Record why this replica ends the run (the supervisor reports it)."""
+        self.metrics.write(event="gave_up", replica=self.replica, step=self.membership.step, reason=reason)
+
     def report_fenced(self, fenced: Fenced) -> None:
         self._warn(f"fenced at step {fenced.step}, exiting without applying or writing anything: {fenced.reason}")
         self.metrics.write(event="fenced", replica=self.replica, step=fenced.step, reason=fenced.reason,
@@ -453,6 +530,10 @@ def main(argv: list[str] | None = None) -> int:
     except Fenced as e:
         replica.report_fenced(e)
         return FENCED_EXIT_CODE
+    except ReplaysExhausted as e:
+        replica.give_up(str(e))
+        print(f"mecefo-replica: replica {args.replica}: {e}", file=sys.stderr, flush=True)
+        return GAVE_UP_EXIT_CODE
     finally:
         replica.shutdown()
 

@@ -9,10 +9,12 @@ wake-ups). :func:`summarize` turns all of it into the numbers the benchmarks nee
 detection, heal and restart costs) and :func:`plot` into a PNG.
 
 The files are append-only across job restarts and ``--resume``: a step redone after a relaunch
-from a checkpoint is in them twice, under two generations. :func:`step_series` (the loss curve,
-the summary's training numbers) keeps, per step, the records of the newest generation that
+from a checkpoint is in them twice, under two generations (a group job's too: each launch of its
+groups is a generation, :func:`mecefo.group.launch_generation`). :func:`step_series` (the loss
+curve, the summary's training numbers) keeps, per step, the records of the newest generation that
 committed it: the job's final lineage. The summary's event counts (checkpoints, heals, ...)
-cover the current launch only (since the newest ``launch`` record in ``events.jsonl``).
+cover the current launch only (since the newest ``launch`` record in ``events.jsonl``; in a group
+job, since the first process of the newest generation started).
 """
 
 from __future__ import annotations
@@ -114,9 +116,20 @@ def step_series(records: list[dict]) -> list[dict]:
     return [min(rs, key=lambda r: r["replica"]) for rs in final_lineage(records).values()]
 
 
-def launch_start(events: list[dict]) -> float:
-    """When the current launch of a run directory began (0 if the run has no launch record)."""
-    return max((e["time"] for e in events if e.get("event") == "launch"), default=0.0)
+def newest_generation(records: list[dict]) -> int | None:
+    """The newest launch generation in a run's records (None: no record carries one)."""
+    return max((r["generation"] for r in records if "generation" in r), default=None)
+
+
+def launch_start(events: list[dict], records: list[dict] = ()) -> float:
+    """When the current launch of a run directory began: its supervisor's newest ``launch`` record, else (a
+    group job: no supervisor) the first ``start`` of a process of the newest generation; 0 if neither."""
+    launches = [e["time"] for e in events if e.get("event") == "launch"]
+    if launches:
+        return max(launches)
+    newest = newest_generation(records)
+    return min((r["time"] for r in records if r.get("event") == "start" and r.get("generation") == newest),
+               default=0.0)
 
 
 def failure_spans(series: list[dict], replicas: int) -> list[tuple[int, int]]:
@@ -166,7 +179,7 @@ def summarize(run_dir: str | Path) -> dict:
     events = read_jsonl(run_dir / EVENTS_FILE)
     series = step_series(records)
     redone = sum(1 for rs in committed_steps(records).values() if len({r.get("generation", 0) for r in rs}) > 1)
-    since = launch_start(events)
+    since = launch_start(events, records)
     events = [e for e in events if e.get("time", since) >= since]
     events_of = defaultdict(list)
     for r in records:
@@ -345,15 +358,32 @@ def write_report(run_dir: str | Path, extra: dict | None = None) -> tuple[dict, 
     return summary, text, plot(run_dir)
 
 
+def last_committed_step(records: list[dict]) -> int | None:
+    """The highest step any replica committed (None: none)."""
+    return max((r["step"] for r in records if "event" not in r), default=None)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m mecefo.report RUN_DIR``: the summary of a run no launcher summarised (a group job under
     torchrun / srun, or a run whose launcher was killed), written next to its metrics and printed."""
     parser = OneLineErrors(prog="python -m mecefo.report", description=main.__doc__.split("\n")[0].strip("`"))
     parser.add_argument("run_dir", help="the run's --run-dir (shared by every group of a group job)")
+    parser.add_argument("--complete", action="store_true",
+                        help="write nothing; say whether the run's last step is committed (a record of it in the "
+                             "metrics) and exit 0 if it is, 1 if not (examples/slurm_mecefo.sbatch asks this)")
     args = parser.parse_args(argv)
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.json").is_file():
         parser.error(f"argument run_dir: {run_dir} holds no config.json: not a run directory")
+    if args.complete:
+        steps = json.loads((run_dir / "config.json").read_text())["steps"]
+        last = last_committed_step(read_metrics(run_dir))
+        if last is not None and last >= steps - 1:
+            print(f"{run_dir}: complete: its last step ({steps - 1}) is committed")
+            return 0
+        print(f"{run_dir}: incomplete: " + ("no step committed" if last is None else
+                                            f"last committed step {last}, the run's last is {steps - 1}"))
+        return 1
     if not list((run_dir / METRICS_DIR).glob("replica_*.jsonl")):
         parser.error(f"argument run_dir: {run_dir / METRICS_DIR} holds no replica_*.jsonl: nothing was trained")
     _, text, png = write_report(run_dir)

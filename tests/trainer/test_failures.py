@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from mecefo.failures import (PAPER_REPLICAS, SCENARIOS, Injection, Injector, fired_injections, load_schedule,
-                             parse_injection, read_schedule_file, scenario_schedule)
+from mecefo.failures import (PAPER_REPLICAS, SCENARIOS, FailureWindow, Injection, Injector, Schedule, fired_injections,
+                             load_schedule, parse_injection, read_schedule_file, scenario_schedule)
 
 
 def test_scenarios_are_seeded_and_scaled_to_steps():
@@ -51,6 +51,23 @@ def test_schedule_file(tmp_path):
     assert schedule.failure_starts() == [5, 7]
     assert load_schedule(f"schedule:{path}", replicas=4, steps=12, hours=1, seed=0).windows == schedule.windows
     assert load_schedule(None, replicas=4, steps=12, hours=1, seed=0).windows == []
+
+
+def test_the_members_of_a_quorum_are_never_all_scheduled_failed(tmp_path):
+    """Issue 20: the schedule keeps replica 2 up, but replica 2 is really dead (not a quorum member) while
+    0 and 1 are scheduled-failed: the member whose window ends first (1, at step 8) runs the step instead of
+    every replica failing to plan one. Members the schedule leaves up, and non-members, are unaffected."""
+    path = tmp_path / "failures.txt"
+    path.write_text("0 5 9\n1 5 8\n0 12 14\n1 12 14\n")
+    schedule = read_schedule_file(path, replicas=3, steps=20)
+    assert schedule.failed_among(6, [0, 1, 2]) == {0, 1}, "replica 2 is up: the schedule as written"
+    assert schedule.failed_among(6, [0, 1]) == {0}, "1's window ends first: 1 runs"
+    assert schedule.failed_among(8, [0, 1]) == {0}, "1's window is over"
+    assert schedule.failed_among(12, [0, 1]) == {1}, "windows end together: the lowest member runs"
+    assert schedule.failed_among(6, [1]) == frozenset() and schedule.failed_among(6, [0, 2]) == {0}
+    assert schedule.failed_among(4, [0, 1]) == frozenset() and schedule.failed_among(6, []) == frozenset()
+    overlapping = Schedule([*schedule.windows, FailureWindow(1, 4, 10)], replicas=3)  # 1 is down until 10
+    assert overlapping.failed_among(6, [0, 1]) == {1}
 
 
 @pytest.mark.parametrize("text,message", [

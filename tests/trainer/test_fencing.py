@@ -15,24 +15,24 @@ def store():
 def test_one_quorum_owns_a_step(store):
     server, client = store
     mine, theirs = CommitLedger(server.store, 0), CommitLedger(client, 0)
-    mine.check_behind(7, quorum_id=3)  # nobody committed step 7 yet
-    mine.claim(7, quorum_id=3)
-    theirs.claim(7, quorum_id=3)  # every member of quorum 3 claims the same step
+    mine.check_behind(7, quorum=3)  # nobody committed step 7 yet
+    mine.claim(7, quorum=3)
+    theirs.claim(7, quorum=3)  # every member of quorum 3 claims the same step
     assert theirs.owner(7) == "3" and theirs.owner(8) is None
     with pytest.raises(Fenced, match="step 7 was committed by quorum 3, not this replica's quorum 5"):
-        theirs.claim(7, quorum_id=5)
+        theirs.claim(7, quorum=5)
     with pytest.raises(Fenced, match="the job already committed step 7 .quorum 3. and this replica's quorum 5 "
                                      "could not heal it"):
-        theirs.check_behind(7, quorum_id=5)
+        theirs.check_behind(7, quorum=5)
 
 
 def test_generations_have_their_own_steps(store):
     """A job restart replays the steps after its checkpoint under the next generation."""
     server, client = store
-    CommitLedger(client, 0).claim(4, quorum_id=1)
+    CommitLedger(client, 0).claim(4, quorum=1)
     replay = CommitLedger(client, 1)
-    replay.check_behind(4, quorum_id=9)
-    replay.claim(4, quorum_id=9)
+    replay.check_behind(4, quorum=9)
+    replay.claim(4, quorum=9)
 
 
 def test_lineage_is_a_chain_of_commits():

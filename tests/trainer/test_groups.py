@@ -22,7 +22,7 @@ from mecefo.checkpoint import checkpoint_path
 from mecefo.config import TrainConfig
 from mecefo.failures import injections_dir
 from mecefo.report import main as report_main
-from mecefo.report import read_jsonl, read_metrics
+from mecefo.report import final_lineage, read_jsonl, read_metrics
 from trainer_runs import FAST, check_replicas_agree, final_model, relative_difference, run
 
 pytestmark = pytest.mark.slow
@@ -197,7 +197,9 @@ def test_two_groups_of_two_ranks_match_four_single_rank_replicas_and_resume_exac
     """Without failures, 2 groups x 2 ranks train on what 4 single-rank replicas train on (rank r of group
     g: replica 2g + r's data) and end where they end, up to the order of the gradient sums. Group 0 is
     started by torchrun, group 1 as srun starts tasks. Resumed with a fresh lighthouse from the checkpoint
-    of step 6 (as after a preemption), the groups end exactly where they ended."""
+    of step 6 (as after a preemption), the groups end exactly where they ended; the resumed launch is a new
+    generation, so the report keeps the redone steps' newest copies, counts them, and counts the tokens of
+    every rank (as the single-rank replicas' run does)."""
     cluster.start_lighthouse()
     run_dir = tmp_path / "groups"
     steps = 12
@@ -210,11 +212,11 @@ def test_two_groups_of_two_ranks_match_four_single_rank_replicas_and_resume_exac
 
     single = TrainConfig(run_dir=str(tmp_path / "single"), cache_dir=str(corpus_cache),
                          **{**FAST, "replicas": 4, "steps": steps, "policy": "mecefo"})
-    run(single)
+    single_summary = run(single).summary
     assert relative_difference(final_model(run_dir), final_model(single.run_path)) < 1e-12
-    ours = [r["loss"] for r in series]
-    theirs = [r["loss"] for r in check_replicas_agree(single.run_path, steps)]
-    assert max(abs(a - b) for a, b in zip(ours, theirs)) < 1e-12
+    single_series = check_replicas_agree(single.run_path, steps)
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(series, single_series)) < 1e-12
+    assert [r["tokens"] for r in series] == [r["tokens"] for r in single_series] == [4 * 2 * 16] * steps
 
     uninterrupted = final_model(run_dir)
     checkpoint_path(run_dir / "checkpoints", steps).unlink()  # preempted after the checkpoint of step 6
@@ -225,6 +227,14 @@ def test_two_groups_of_two_ranks_match_four_single_rank_replicas_and_resume_exac
     resumed = [r for r in read_metrics(run_dir) if r.get("event") == "resumed"]
     assert sorted(r["replica"] for r in resumed) == [0, 1] and all(r["step"] == 6 for r in resumed)
     assert all(torch.equal(t, uninterrupted[name]) for name, t in final_model(run_dir).items())
+    lineage = final_lineage(read_metrics(run_dir))
+    assert [sorted((r["replica"], r["generation"]) for r in lineage[s]) for s in range(steps)] == \
+        [[(0, 0), (1, 0)]] * 6 + [[(0, 1), (1, 1)]] * 6, "steps 6-11 redone in generation 1, one copy each"
+    assert report_main([str(run_dir)]) == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps_done"] == steps and summary["steps_redone"] == 6
+    assert summary["tokens"] == single_summary["tokens"] == 4 * 2 * 16 * steps
+    assert summary["checkpoints"] == 1, "the resumed launch's checkpoint (step 12), not the first launch's"
 
 
 def _group_error(cluster: Cluster, proc: subprocess.Popen, timeout_s: float = 90) -> str:

@@ -7,6 +7,7 @@ import torch
 from mecefo.config import TrainConfig
 from mecefo.data import Batches, prepare_corpus
 from mecefo.group import AdmissionError, GroupLease, check_same_job, job_identity, main, rank_place
+from mecefo.jobstore import READY_KEY
 from mecefo.lighthouse import job_store_address
 from mecefo.lighthouse import main as lighthouse_main
 from mecefo.membership import WorkItem, plan_step
@@ -82,14 +83,16 @@ def test_a_group_joins_only_a_job_of_its_configuration():
 
 def test_a_group_index_is_held_by_one_live_process():
     server = LoopbackStore()
-    first = GroupLease(server.address, 1, "host-a pid 1", timeout_s=10)
-    first.acquire()
+    server.store.set(READY_KEY, "1")
+    first = GroupLease(server.address, 1, "host-a pid 1", wait_s=10)
+    first.acquire("10.0.0.1:4000")
     with pytest.raises(AdmissionError, match=r"group 1 is already running \(host-a pid 1 .*--group 1"):
-        GroupLease(server.address, 1, "host-b pid 2", timeout_s=10).acquire()
+        GroupLease(server.address, 1, "host-b pid 2", wait_s=10).acquire("10.0.0.2:4000")
     first.release()  # as if it died: its beat stops
-    successor = GroupLease(server.address, 1, "host-c pid 3", timeout_s=10)
-    successor.acquire()
+    successor = GroupLease(server.address, 1, "host-c pid 3", wait_s=10)
+    successor.acquire("10.0.0.3:4000")
     assert server.store.get("group/1/owner").decode() == successor.owner
+    assert server.store.get("group/1/address").decode() == "10.0.0.3:4000"
     successor.release()
 
 

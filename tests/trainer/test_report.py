@@ -89,3 +89,47 @@ def test_report_command_summarises_a_group_job_by_its_slowest_rank(tmp_path, cap
     with pytest.raises(SystemExit) as exit_:
         main([str(tmp_path / "absent")])
     assert exit_.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+
+
+def test_a_resumed_group_job_counts_redone_steps_and_the_current_launchs_events(tmp_path):
+    """A group job (no supervisor, no events.jsonl) resumed from checkpoint 2 in generation 1: the series keeps
+    generation 1's copies of steps 2-3, steps_redone counts them, and the event counts start with the first
+    process of generation 1 (its checkpoint, not generation 0's)."""
+    TrainConfig(run_dir=str(tmp_path), replicas=2, steps=5).save(tmp_path / "config.json")
+    writers = {g: MetricsWriter(metrics_path(tmp_path, g)) for g in (0, 1)}
+    for generation, steps, t0 in ((0, range(0, 4), 10.0), (1, range(2, 5), 20.0)):
+        for g, w in writers.items():
+            w.write(event="start", replica=g, generation=generation, init_s=1.0, time=t0 + 0.1 * g)
+        for step in steps:
+            for g, w in writers.items():
+                w.write(**record(step, g, [0, 1]), generation=generation, time=t0 + 1 + step)
+        writers[0].write(event="checkpoint", replica=0, step=steps[-1] + 1, seconds=0.1, time=t0 + 9)
+    for w in writers.values():
+        w.close()
+    summary = summarize(tmp_path)
+    assert summary["steps_done"] == 5 and summary["steps_redone"] == 2
+    assert summary["checkpoints"] == 1 and summary["tokens"] == 5 * 200
+    from mecefo.report import step_series
+
+    assert [r["generation"] for r in step_series(read_metrics(tmp_path))] == [0, 0, 1, 1, 1]
+
+
+def test_report_complete_says_whether_the_last_step_is_committed(tmp_path, capsys):
+    """python -m mecefo.report --complete RUN_DIR (asked by the SLURM recipe): exit 0 once a record of the run's
+    last step is in the metrics, 1 before, 2 for a directory that is not a run; writes nothing."""
+    from mecefo.report import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--complete", str(tmp_path)])
+    assert exit_.value.code == 2
+    TrainConfig(run_dir=str(tmp_path), replicas=2, steps=3).save(tmp_path / "config.json")
+    assert main(["--complete", str(tmp_path)]) == 1 and "incomplete: no step committed" in capsys.readouterr().out
+    writer = MetricsWriter(metrics_path(tmp_path, 1))
+    writer.write(**record(1, 1, [1]))
+    writer.write(event="eval", replica=1, step=2, val_loss=1.0)  # an event of step 2 is not step 2 committed
+    assert main(["--complete", str(tmp_path)]) == 1
+    assert "last committed step 1, the run's last is 2" in capsys.readouterr().out
+    writer.write(**record(2, 1, [1]))
+    writer.close()
+    assert main(["--complete", str(tmp_path)]) == 0 and "complete: its last step (2) is committed" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "metrics"]

@@ -272,6 +272,30 @@ def test_scheduled_failures_with_more_than_half_gone(tmp_path, corpus_cache):
     assert relative_difference(final_model(cfg.run_path), reference.state) < 1e-12
 
 
+def test_a_quorum_whose_members_are_all_scheduled_failed_keeps_one_of_them_up(tmp_path, corpus_cache):
+    """Issue 20: the schedule keeps replica 3 up at steps 5-8, but replica 3 is really dead (killed at step 2,
+    never restarted) while 0, 1 and 2, the whole quorum, are scheduled-failed. Replica 1, whose window ends
+    first, runs steps 5-7 (and step 8, its window over) with shard 0 as its orphan and shards 2 and 3 dropped,
+    instead of every replica failing to plan the step: full-batch training of the shards that ran."""
+    schedule = tmp_path / "failures.txt"
+    schedule.write_text("0 5 9\n1 5 8\n2 5 9\n")
+    cfg = make_config(tmp_path / "run", corpus_cache, policy="ndb-exact", steps=12, inject=["kill@2:3"],
+                      restart_after=None, failures=f"schedule:{schedule}")
+    run(cfg)
+    series = check_replicas_agree(cfg.run_path, cfg.steps)
+
+    def live_at(step):
+        return [0, 1, 2, 3] if step < 2 else [1] if 5 <= step < 9 else [0, 1, 2]
+
+    assert [r["live"] for r in series] == [live_at(s) for s in range(cfg.steps)]
+    assert all(r["neighbours"] == {"0": 1} and r["dropped"] == [2, 3] for r in series[5:9])
+    assert [r["scheduled_failed"] for r in series[4:10]] == [[], [0, 2], [0, 2], [0, 2], [0, 2], []]
+    # (at 3 replicas this trajectory amplifies the two summation orders' rounding to 1e-10 from step 1 on)
+    reference = full_batch_reference(cfg.run_path, live_at=live_at)
+    assert max(abs(r["loss"] - ref) / ref for r, ref in zip(series, reference.losses, strict=True)) < 1e-12
+    assert relative_difference(final_model(cfg.run_path), reference.state) < 1e-12
+
+
 def test_mecefo_neighbour_mode_only_while_covering_a_dead_replica(tmp_path, corpus_cache):
     same = dict(steps=120, tau=10, inject=["kill@6:2"])
     cfg = make_config(tmp_path / "mecefo", corpus_cache, policy="mecefo", **same)

@@ -16,7 +16,7 @@ from mecefo.membership import plan_step
 from mecefo.model import shard_loss
 from mecefo.models import build_model
 from mecefo.optim import build_optimizer, lr_at, set_lr
-from mecefo.report import committed_steps, read_metrics, step_series
+from mecefo.report import committed_steps, ranks_per_group, read_metrics, step_series
 
 # Small and fast on 2 shared cores: the tiny preset, 16-token sequences, 2 per shard, float64 so
 # that "equal to the reference" can mean 1e-12; failures detected within a second. lr 1e-3:
@@ -53,9 +53,17 @@ def full_batch_reference(run_dir: Path, live_at=None) -> Reference:
 
     ``live_at(step)`` gives the live replicas at a step when some are failed on a schedule; the
     batch then holds the shards the NDB plan processes (all of them unless more than half are
-    gone).
+    gone). A group job's replica shard is its ranks' data shards (mecefo.ranks).
     """
-    run_dir = Path(run_dir)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # beside a suite's processes on 2 cores, 2 OpenMP threads took 10x longer (seen)
+    try:
+        return _full_batch_reference(Path(run_dir), live_at)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _full_batch_reference(run_dir: Path, live_at) -> Reference:
     cfg = TrainConfig.load(run_dir / "config.json")
     corpus = CorpusFiles(**json.loads((run_dir / "corpus.json").read_text()))
     model = build_model(cfg)
@@ -63,10 +71,12 @@ def full_batch_reference(run_dir: Path, live_at=None) -> Reference:
     batches = Batches(corpus, seq_len=cfg.seq_len, micro_batch=cfg.micro_batch, seed=cfg.seed,
                       vocab_size=model.config.vocab_size)
     losses = []
+    ranks = ranks_per_group(run_dir)
     for step in range(cfg.steps):
         live = live_at(step) if live_at else range(cfg.replicas)
         dropped = plan_step(cfg.replicas, live, "ndb-exact").dropped
-        xs, ys = zip(*(batches.batch(step, s) for s in range(cfg.replicas) if s not in dropped))
+        xs, ys = zip(*(batches.batch(step, s * ranks + r) for s in range(cfg.replicas) if s not in dropped
+                       for r in range(ranks)))
         optimizer.zero_grad(set_to_none=True)
         loss = shard_loss(model, torch.cat(xs), torch.cat(ys))
         loss.backward()
