@@ -5,6 +5,12 @@
                                               #   and rows in results.csv
     python bench/fidelity.py --parts probe    # one part; finished runs in --work-dir are reused
     python bench/fidelity.py --profile gpu    # LLaMA-60M class, for a GPU machine (docs/fidelity-gpu.md)
+    python bench/fidelity.py --parts batch --steps 600 --seeds 0 1 2    # the drop penalty against batch size
+
+This file is the command; the parts live in fidelity_runs.py (profiles, one training run),
+fidelity_experiments.py (quality, seeds, ladder, sweep), fidelity_batch.py, fidelity_progress.py
+(progress per step, time to quality on the package's simulator), fidelity_probe.py, and the page in
+fidelity_figures.py and fidelity_page.py.
 
 Parts (training with the real trainer, ``mecefo.launch.launch``: one process per replica, torchft):
 
@@ -23,7 +29,7 @@ Parts (training with the real trainer, ``mecefo.launch.launch``: one process per
            reaches in S steps, each run with its own warm-up and cosine decay.
   ttq      time to quality: each variant's progress per step (its final loss read off its seed's
            ladder as effective steps; efficiency and penalty per share approximated or dropped),
-           combined with bench/cluster.py's simulation of every policy at n = 4, 8, 32 under
+           combined with the simulation of every policy (mecefo.planner) at n = 4, 8, 32 under
            low / mid / high (measured CPU step costs, and the FLOP floor at GPU scale with a quoted
            10-minute restart): the wall clock to the failure-free run's final loss.
   probe    the gradient-error probe (:mod:`mecefo.probe`) on the no-failure run's checkpoints:
@@ -34,6 +40,9 @@ Parts (training with the real trainer, ``mecefo.launch.launch``: one process per
            paper's 32 dead, and the most replicas the high schedule has down at once.
   sweep    mecefo under the high schedule with the other ranks (tau at its default) and the other
            taus (rank at its default): final validation loss against no failures.
+  batch    (only when named) at several batch sizes (``--batch-sizes``, sequences per shard), per
+           seed: a failure-free ladder and shrink under the high schedule; the drop penalty measured
+           against the one the runs' own gradient noise scale predicts (fidelity_batch.py).
 
 The page is rendered from the results JSON, so ``--parts`` re-renders it with the other parts'
 stored results. Training runs live in ``--work-dir`` (default runs/fidelity-<profile>); a run whose

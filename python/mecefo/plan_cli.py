@@ -279,8 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{PROG}: {n} replicas x {args.sequences} sequences"
           + (f" ({args.gpus} GPUs in groups of {args.group_size})" if args.gpus else "")
           + f"; failures: {process.name} (a replica fails every {process.mtbf_h:g} h on average, down "
-            f"{process.repair_h:g} h; the job: one every {60 * process.job_mtbf_h(n):.3g} min); "
-            f"{args.seeds} seeds x {hours:.4g} h")
+            f"{process.repair_h:g} h; the job: one every {_duration(process.job_mtbf_h(n))}); "
+            f"{args.seeds} seeds x {hours:.0f} h")
     print(f"costs: {source.label}")
     if "drop" in why:
         print(f"penalties: drop {why['drop'][0]:.3f} ({why['drop'][1]}); approximation {why['approximate']:.2f} "
@@ -299,6 +299,10 @@ def main(argv: list[str] | None = None) -> int:
         plot(table, spares, args.plot, f"{n} replicas, {process.name}")
         print(f"plot: {args.plot}")
     return 0
+
+
+def _duration(hours: float) -> str:
+    return f"{60 * hours:.3g} min" if hours < 2 else f"{hours:.3g} h"
 
 
 def summarize(rows: dict, policies, spares) -> list[dict]:

@@ -325,10 +325,13 @@ class Replica:
         global_sq = 0.0
         if ok:
             self.sync.normalise(plan.normalisers())
-            if measure_noise:  # every parameter divided by the same normaliser: the global mean gradient
-                global_sq = squared_norm(p.grad for _, p in self.sync.params)
+            # with measure_noise every parameter was divided by the same normaliser: the global mean gradient,
+            # whose norm the clip computes anyway (before clipping)
             if cfg.clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip, foreach=False)
+                total = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip, foreach=False)
+                global_sq = float(total.double()) ** 2
+            elif measure_noise:
+                global_sq = squared_norm(p.grad for _, p in self.sync.params)
         else:
             self.membership.abort()
         lr = lr_at(step, cfg)
