@@ -145,14 +145,15 @@ def record(recorder: Recorder, profile: Profile, results: dict, parts) -> None:
                          metric="val_ppl_change", unit="%", median=run["ppl_change_pct"])
 
 
-def setup_info(profile: Profile, work: Path, cache_dir: str | None, recorder: Recorder) -> dict:
-    ref = reference_config(profile, work, cache_dir).run_path
-    if not (ref / CORPUS_FILE).is_file():  # only the batch part ran: any of its runs
-        ref = next(work.glob(f"batch-m*/seed*/*/{CORPUS_FILE}")).parent
-    corpus = json.loads((ref / CORPUS_FILE).read_text())
+def setup_info(profile: Profile, work: Path, cache_dir: str | None, recorder: Recorder, stored: dict | None) -> dict:
+    """Where and on what the page was made: the corpus from the reference run (or, if only the batch part
+    ran, any of its runs; if the runs are not here, as stored: a part computed from stored results)."""
     from mecefo.presets import get_preset
 
-    return {"device": recorder.env["device"], "commit": recorder.env["commit"], "corpus": corpus["description"],
+    ref = reference_config(profile, work, cache_dir).run_path / CORPUS_FILE
+    found = [ref] if ref.is_file() else sorted(work.glob(f"batch-m*/seed*/*/{CORPUS_FILE}"))[:1]
+    corpus = json.loads(found[0].read_text())["description"] if found else (stored or {}).get("corpus", "-")
+    return {"device": recorder.env["device"], "commit": recorder.env["commit"], "corpus": corpus,
             "parameters": get_preset(profile.preset).num_parameters(), "profile": asdict(profile)}
 
 
@@ -271,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             results["sweep"] = sweep(profile, work, cache, args.sweep_schedule)
         results["seconds"][part] = time.time() - t0
-    results["setup"] = setup_info(profile, work, cache, recorder)
+    results["setup"] = setup_info(profile, work, cache, recorder, results.get("setup"))
 
     figures = {}
     if "quality" in results:

@@ -41,10 +41,10 @@ def squared_norm(tensors: Iterable) -> float:
     host sync. (torch is imported here: the command line's option checks import this module.)"""
     import torch
 
-    norms = [torch.linalg.vector_norm(t, dtype=torch.float64) for t in tensors if t is not None]
-    if not norms:
+    tensors = [t for t in tensors if t is not None]
+    if not tensors:
         return 0.0
-    return float(torch.stack([n.to("cpu") for n in norms]).square().sum())
+    return float(torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64)).square().sum())
 
 
 def local_terms(grad_sum_sq: float, sequences: float, shard_sequences: int) -> tuple[float, float]:

@@ -42,7 +42,7 @@ def test_estimates_are_unbiased(batches):
     true_g = torch.linspace(-0.5, 0.5, d, dtype=torch.float64)
     sigma = torch.linspace(0.5, 2.0, d, dtype=torch.float64)
     grad_sq, trace = float(true_g.square().sum()), float(sigma.square().sum())
-    samples = [step_estimate(*synthetic_step(gen, true_g, sigma, batches)[:2], batches) for _ in range(20000)]
+    samples = [step_estimate(*synthetic_step(gen, true_g, sigma, batches)[:2], batches) for _ in range(10000)]
     for name, truth in (("grad_sq", grad_sq), ("trace", trace)):
         values = torch.tensor([getattr(s, name) for s in samples], dtype=torch.float64)
         mean, se = values.mean().item(), (values.std() / math.sqrt(len(values))).item()
