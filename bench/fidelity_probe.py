@@ -15,7 +15,7 @@ from mecefo.checkpoint import list_checkpoints, read_checkpoint
 from mecefo.data import Batches, CorpusFiles
 from mecefo.failures import load_schedule
 from mecefo.membership import plan_step
-from mecefo.model import build_model
+from mecefo.models import build_model
 from mecefo.neighbor import MeCeFOPath
 from mecefo.probe import (GROUPS, compare, exact_gradients, neighbour_run_shards, parameter_groups, shard_gradient,
                           single_failure_plan)

@@ -113,7 +113,7 @@ def train_config(profile: Profile, run_dir: Path, *, cache_dir: str | None, fail
     policy, basis = parse_variant(policy)
     steps = steps or profile.steps
     return TrainConfig(
-        run_dir=str(run_dir), preset=profile.preset, device=profile.device, seed=seed, seq_len=profile.seq_len,
+        run_dir=str(run_dir), model=profile.preset, device=profile.device, seed=seed, seq_len=profile.seq_len,
         micro_batch=profile.micro_batch, replicas=profile.replicas, steps=steps, policy=policy, basis=basis,
         rank=rank, tau=tau, lr=profile.lr, warmup=profile.warmup, failures=failures, schedule_hours=SCHEDULE_HOURS,
         checkpoint_every=checkpoint_every, keep_checkpoints=steps // max(checkpoint_every, 1) + 1,

@@ -37,7 +37,8 @@ from timing import MAX_RATIO_SPREAD, interleaved_rounds, paired_ratio, summary_t
 from mecefo.config import TrainConfig  # noqa: E402
 from mecefo.data import Batches, CorpusFiles, prepare_corpus  # noqa: E402
 from mecefo.membership import plan_step  # noqa: E402
-from mecefo.model import build_model, run_work  # noqa: E402
+from mecefo.model import run_work  # noqa: E402
+from mecefo.models import build_model  # noqa: E402
 from mecefo.neighbor import neighbor_path  # noqa: E402
 from mecefo.noise import local_terms, squared_norm  # noqa: E402
 from mecefo.optim import build_optimizer  # noqa: E402
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'preset':<10}{'step without':>14}{'with':>10}{'with / without (p20-p80)':>32}"
           f"{'norm pass':>14}{'/ step (p20-p80)':>26}")
     for preset in args.presets:
-        cfg = TrainConfig(preset=preset, seq_len=args.seq, micro_batch=args.micro_batch, replicas=4,
+        cfg = TrainConfig(model=preset, seq_len=args.seq, micro_batch=args.micro_batch, replicas=4,
                           threads=args.threads)
         fns = step_functions(cfg, corpus)
         times = interleaved_rounds(fns, device, rep_ms=args.rep_ms, rounds=args.rounds)
