@@ -116,7 +116,21 @@ def batch_sweep(profile: Profile, work: Path, cache_dir: str | None, schedule: s
             }
         per_size[str(m)] = {"micro_batch": m, "batch": batch, "seeds": seeds, **summarize(seeds)}
     return {"schedule": label, "replicas": profile.replicas, "steps": profile.steps, "lengths": lengths,
-            "seeds": list(seed_list), "sizes": list(sizes), "val_sequences": VAL_SEQUENCES, "runs": per_size}
+            "seeds": list(seed_list), "sizes": list(sizes), "val_sequences": VAL_SEQUENCES, "runs": per_size,
+            "pooled": pooled(per_size)}
+
+
+def pooled(per_size: dict) -> dict | None:
+    """Every (batch size, seed) run together: mean measured and predicted penalty, and their difference's
+    mean, sd and standard error (runs are independent: each its own seed and batch size)."""
+    runs = [s for size in per_size.values() for s in size["seeds"].values() if s["penalty"] is not None]
+    if not runs:
+        return None
+    diffs = [s["penalty"] - s["predicted_penalty"] for s in runs]
+    mean, sd = mean_sd(diffs)
+    return {"runs": len(runs), "penalty": fmean(s["penalty"] for s in runs),
+            "predicted_penalty": fmean(s["predicted_penalty"] for s in runs),
+            "difference": {"mean": mean, "sd": sd, "se": sd / math.sqrt(len(runs))}}
 
 
 def summarize(seeds: dict) -> dict:

@@ -351,6 +351,12 @@ def render_batch(b: dict, figure: str | None) -> list[str]:
              "over its steps, over the mean share dropped (for small f: B_noise / (B + B_noise), what `auto` "
              "uses). Nothing is fitted. Mean ± sd over seeds; B_simple in sequences:", ""]
     lines += batch_table(b) + [""]
+    if b.get("pooled"):
+        p = b["pooled"]
+        d = p["difference"]
+        lines += [f"All {p['runs']} runs together: measured {p['penalty']:.2f}, predicted {p['predicted_penalty']:.2f}; "
+                  f"measured - predicted {d['mean']:+.2f} (sd {d['sd']:.2f}, standard error {d['se']:.2f}: "
+                  f"{abs(d['mean']) / d['se']:.1f} standard errors from agreement).", ""]
     if figure:
         lines += [f"![drop penalty against batch size]({figure})", ""]
     return lines

@@ -196,7 +196,7 @@ def plan(tmp_path, *argv) -> dict:
     return json.loads(out.read_text())
 
 
-def test_mecefo_plan_reproduces_the_committed_cluster_rows(tmp_path, capsys):
+def test_mecefo_plan_reproduces_the_fidelity_pages_time_to_quality(tmp_path, capsys):
     """The paper's 32-node high schedule, LLaMA-1B at the FLOP floor (1 s steps, the GPU-scale event costs),
     3 seeds x 1000 h, the 900-step fidelity page's measured penalties: the same numbers as
     bench/fidelity.py --parts ttq committed (bench/results/fidelity_cpu-steps900.json, and its rows in
@@ -217,6 +217,32 @@ def test_mecefo_plan_reproduces_the_committed_cluster_rows(tmp_path, capsys):
         assert row["time_ratio"] == ttq[row["policy"]]["time_ratio"]
         assert f"{row['time_ratio']:.6g}" == f"{csv_rows[row['policy']]:.6g}"
     assert "recommended with 0 spares: shrink" in capsys.readouterr().out
+
+
+CLUSTER_CONFIG = "flop-floor,sequences=16,hours=1000,seeds=5,comm_ms=0,restart_s=600,n=32"
+
+
+def test_mecefo_plan_reproduces_bench_cluster_simulate_rows(tmp_path):
+    """`bench/cluster.py simulate --sources flop-floor --n 32` committed its rows (LLaMA-1B at the FLOP floor,
+    5 seeds x 1000 h, time to quality from the 900-step page): mecefo-plan with the same inputs prints the same
+    throughput drops and times to quality, at the CSV's 6 digits (the newest rows of that configuration)."""
+    committed = REPO / "bench" / "results" / "fidelity_cpu-steps900.json"
+    drops, ttq = {}, {}
+    with open(REPO / "bench" / "results" / "results.csv", newline="") as f:
+        for r in csv.DictReader(f):
+            if r["mode"] != "high" or r["config"] != CLUSTER_CONFIG:
+                continue
+            if r["benchmark"] == "cluster/throughput" and r["metric"] == "throughput_drop":
+                drops[r["provider"]] = float(r["median"])
+            elif r["benchmark"] == "cluster/time-to-quality":
+                ttq[r["provider"]] = float(r["median"])
+    assert set(POLICIES) <= set(drops) and set(POLICIES) <= set(ttq), "bench/cluster.py's rows are not committed"
+    out = plan(tmp_path, "--replicas", "32", "--schedule", "high", "--preset", "llama-1b", "--seq", "2048",
+               "--step-s", "1", "--hours", "1000", "--seeds", "5", "--spares", "0", "--quality", str(committed))
+    assert sorted(r["policy"] for r in out["rows"]) == sorted(POLICIES)
+    for row in out["rows"]:
+        assert f"{row['drop_pct']:.6g}" == f"{drops[row['policy']]:.6g}", row["policy"]
+        assert f"{row['time_ratio']:.6g}" == f"{ttq[row['policy']]:.6g}", row["policy"]
 
 
 def test_mecefo_plan_answers_for_gpus_in_groups_with_a_flop_rate_and_spares(tmp_path, capsys):
