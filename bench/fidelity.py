@@ -69,9 +69,11 @@ from fidelity_figures import plot_batch, plot_probe, plot_quality, plot_ttq  # n
 from fidelity_page import render  # noqa: E402
 from fidelity_probe import GROUPS, probe, probe_summary  # noqa: E402
 from fidelity_progress import TTQ_HOURS, TTQ_NS, TTQ_SEEDS, quality_model, ttq  # noqa: E402
-from fidelity_runs import (DEFAULT_RANK, PROFILES, SCHEDULES, Profile, parse_rank, rank_label,  # noqa: E402
-                           reference_config, variant_arg)
+from fidelity_runs import (DEFAULT_RANK, PROFILE_ADDED, PROFILES, SCHEDULES, Profile, parse_rank,  # noqa: E402
+                           rank_label, reference_config, variant_arg)
 from records import Recorder  # noqa: E402
+from tokenize_corpus import documents, measure  # noqa: E402
+from tokenize_corpus import record as record_tokenize  # noqa: E402
 
 from mecefo.replica import CORPUS_FILE  # noqa: E402
 
@@ -148,16 +150,48 @@ def record(recorder: Recorder, profile: Profile, results: dict, parts) -> None:
 def setup_info(profile: Profile, work: Path, cache_dir: str | None, recorder: Recorder, stored: dict | None) -> dict:
     """Where and on what the page was made: the corpus from the reference run (or, if only the batch part
     ran, any of its runs; if the runs are not here, as stored: a part computed from stored results)."""
-    from mecefo.presets import get_preset
+    ref = reference_config(profile, work, cache_dir)
+    found = [ref.run_path / CORPUS_FILE] if (ref.run_path / CORPUS_FILE).is_file() else \
+        sorted(work.glob(f"batch-m*/seed*/*/{CORPUS_FILE}"))[:1]
+    corpus = json.loads(found[0].read_text()) if found else {}
+    return {"device": recorder.env["device"], "commit": recorder.env["commit"],
+            "corpus": corpus.get("description", (stored or {}).get("corpus", "-")),
+            "parameters": parameter_count(ref, corpus.get("vocab")), "profile": asdict(profile)}
 
-    ref = reference_config(profile, work, cache_dir).run_path / CORPUS_FILE
-    found = [ref] if ref.is_file() else sorted(work.glob(f"batch-m*/seed*/*/{CORPUS_FILE}"))[:1]
-    corpus = json.loads(found[0].read_text())["description"] if found else (stored or {}).get("corpus", "-")
-    return {"device": recorder.env["device"], "commit": recorder.env["commit"], "corpus": corpus,
-            "parameters": get_preset(profile.preset).num_parameters(), "profile": asdict(profile)}
+
+def parameter_count(cfg, corpus_vocab: int | None) -> int:
+    """The model's parameters (built on the meta device; a preset on a tokenised corpus has its vocabulary)."""
+    from mecefo.models import meta_model, resolve_model_source
+
+    source = resolve_model_source(cfg, corpus_vocab=corpus_vocab, tokenised=cfg.tokenizer is not None)
+    return sum(p.numel() for p in meta_model(cfg, source).parameters())
 
 
-# the profile values a command line may override (--preset is declared with its own help)
+def tokenize_speed(profile: Profile, recorder: Recorder, rounds: int) -> dict:
+    """The tokenisation step of the runs' corpus (prepare_corpus with the tokenizer, into an empty cache, one
+    worker per core) against the tokenizer's own batch encoding of the same documents: tokens/s and their
+    ratio (bench/tokenize_corpus.py's measurement), as rows."""
+    import shutil
+    import tempfile
+
+    from mecefo.tokenizing import default_workers
+
+    texts = documents(list(profile.data))
+    scratch = Path(tempfile.mkdtemp(prefix="mecefo-fidelity-tokenize-"))
+    try:
+        seconds, counts = measure(Path(profile.tokenizer), list(profile.data), texts, [default_workers()], rounds,
+                                  scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    config = (f"fidelity:{'+'.join(Path(d).name for d in profile.data)},{len(texts)} documents,"
+              f"{sum(len(t.encode()) for t in texts) / 1e6:.1f} MB,{Path(profile.tokenizer).name}")
+    lines = record_tokenize(recorder, seconds, counts, config)
+    print("\n".join(lines), flush=True)
+    return {"config": config, "rounds": rounds, "table": lines}
+
+
+# the profile values a command line may override (--model, stored as the profile's preset, --tokenizer and --data
+# are declared with their own help)
 PROFILE_OVERRIDES = ("preset", "steps", "replicas", "seq_len", "micro_batch", "eval_every", "eval_batches",
                      "checkpoint_every", "probe_every")
 
@@ -170,7 +204,11 @@ def regenerate_command(parser: argparse.ArgumentParser, args: argparse.Namespace
         words.append(f"--profile {profile.name}")
     for name in PROFILE_OVERRIDES:
         if getattr(args, name) is not None:
-            words.append(f"--{name.replace('_', '-')} {getattr(args, name)}")
+            words.append(f"--{'model' if name == 'preset' else name.replace('_', '-')} {getattr(args, name)}")
+    if args.tokenizer is not None:
+        words.append(f"--tokenizer {args.tokenizer}")
+    if args.data is not None:
+        words.append("--data " + " ".join(args.data))
     if parts != list(DEFAULT_PARTS):
         words.append("--parts " + " ".join(parts))
     for name in ("schedules", "policies", "seeds", "ranks", "taus", "ladder", "ttq_n", "ttq_seeds", "ttq_hours",
@@ -208,7 +246,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--taus", nargs="+", type=int, help="trained taus, probed as bases ages")
     for name in PROFILE_OVERRIDES[1:]:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, help="override the profile's value")
-    parser.add_argument("--preset", help="override the profile's model preset")
+    parser.add_argument("--model", "--preset", dest="preset", metavar="PRESET|DIR",
+                        help="override the profile's model: a preset (e.g. llama-60m) or a local Hugging Face model "
+                             "directory (the trainer's --model)")
+    parser.add_argument("--tokenizer", metavar="DIR",
+                        help="a local tokenizer directory: the runs train on --data tokenised with it (the trainer's "
+                             "--tokenizer); the tokenisation step's speed is recorded against the tokenizer's own "
+                             "batch encoding (a ratio row in results.csv)")
+    parser.add_argument("--data", nargs="+", metavar="SRC",
+                        help="the runs' corpus (the trainer's --data: text files, directories, JSON Lines, Parquet, "
+                             "Arrow, datasets directories; default the embedded corpus)")
+    parser.add_argument("--tokenize-rounds", type=int, default=3,
+                        help="with --tokenizer: rounds of the tokenisation measurement (0: none)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the probe (this process)")
     parser.add_argument("--work-dir", type=Path, help="training runs (default runs/fidelity-<profile>)")
     parser.add_argument("--cache-dir", help="corpus cache (default ~/.cache/mecefo)")
@@ -218,7 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     profile = PROFILES[args.profile]
-    overrides = {k: getattr(args, k) for k in (*PROFILE_OVERRIDES, "taus") if getattr(args, k) is not None}
+    overrides = {k: getattr(args, k) for k in (*PROFILE_OVERRIDES, "taus", "tokenizer") if getattr(args, k) is not None}
+    if args.data is not None:
+        overrides["data"] = tuple(args.data)
     if args.ranks:
         overrides["ranks"] = tuple(args.ranks)
     profile = replace(profile, **overrides)
@@ -228,12 +279,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--batch-sizes and --batch-ladder must be >= 1")
     if DEFAULT_RANK not in profile.ranks:
         parser.error(f"--ranks must include the default rank {rank_label(DEFAULT_RANK)}")
+    if args.tokenizer is not None and not Path(args.tokenizer).is_dir():
+        parser.error(f"--tokenizer {args.tokenizer}: not a directory (a local Hugging Face tokenizer directory)")
+    missing = [d for d in args.data or () if d != "stdlib" and not Path(d).exists()]
+    if missing:
+        parser.error(f"--data {missing[0]}: no such file or directory")
     if profile.device == "cuda" and not torch.cuda.is_available():
         parser.error("profile gpu needs a CUDA device; this machine has none")
     # another model or training shape gets its own runs, page, JSON and figures instead of replacing the
     # profile's: e.g. --preset small -> cpu-small, --steps 900 -> cpu-steps900
-    shape = [("", args.preset)] + [(k.replace("_", "-"), getattr(args, k))
-                                   for k in ("steps", "replicas", "seq_len", "micro_batch")]
+    shape = [("", args.preset and Path(args.preset).name)] + [(k.replace("_", "-"), getattr(args, k))
+                                                              for k in ("steps", "replicas", "seq_len", "micro_batch")]
+    shape += [("data-", args.data and Path(args.data[0]).stem), ("tok-", args.tokenizer and Path(args.tokenizer).name)]
     variant = "-".join([profile.name] + [f"{k}{v}" for k, v in shape if v is not None])
     suffix = "" if variant == "cpu" else f"-{variant}"
     work = args.work_dir or REPO / "runs" / f"fidelity-{variant}"
@@ -245,10 +302,13 @@ def main(argv: list[str] | None = None) -> int:
                         **({"path": args.csv} if args.csv else {}))
 
     results = json.loads(results_json.read_text()) if results_json.is_file() else {}
-    # compared as stored (JSON has lists where the profile has tuples)
-    if results.get("setup", {}).get("profile") not in (None, json.loads(json.dumps(asdict(profile)))):
+    # compared as stored (JSON has lists where the profile has tuples; fields added since, at their values then)
+    stored_profile = results.get("setup", {}).get("profile")
+    if stored_profile is not None and {**PROFILE_ADDED, **stored_profile} != json.loads(json.dumps(asdict(profile))):
         results = {}  # another configuration: nothing stored can be mixed with this one
     results.setdefault("seconds", {})
+    if profile.tokenizer is not None and args.tokenize_rounds > 0:
+        results["tokenize"] = tokenize_speed(profile, recorder, args.tokenize_rounds)
     for part in PARTS:
         if part not in args.parts:
             continue

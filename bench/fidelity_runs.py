@@ -33,7 +33,7 @@ class Profile:
     """One experiment's sizes. Probe steps and bases ages must be multiples of checkpoint_every."""
 
     name: str
-    preset: str
+    preset: str  # the model: a preset name or a local Hugging Face model directory (the trainer's --model)
     device: str
     replicas: int
     steps: int
@@ -48,6 +48,12 @@ class Profile:
     ranks: tuple[float, ...]  # probed and trained (1.0: full rank, only the attention skip remains)
     taus: tuple[int, ...]  # trained; probed as bases ages
     threads: int = 1  # torch threads per replica process
+    tokenizer: str | None = None  # a local tokenizer directory (the trainer's --tokenizer; None: byte-level)
+    data: tuple[str, ...] = ("stdlib",)  # the trainer's --data sources
+
+
+# profile fields added after results JSONs were stored: a stored profile without them had these values
+PROFILE_ADDED = {"tokenizer": None, "data": ["stdlib"]}
 
 
 PROFILES = {
@@ -118,7 +124,7 @@ def train_config(profile: Profile, run_dir: Path, *, cache_dir: str | None, fail
         rank=rank, tau=tau, lr=profile.lr, warmup=profile.warmup, failures=failures, schedule_hours=SCHEDULE_HOURS,
         checkpoint_every=checkpoint_every, keep_checkpoints=steps // max(checkpoint_every, 1) + 1,
         eval_every=profile.eval_every, eval_batches=profile.eval_batches, hash_state=False,
-        threads=profile.threads, cache_dir=cache_dir,
+        threads=profile.threads, cache_dir=cache_dir, data=list(profile.data), tokenizer=profile.tokenizer,
         # nobody dies here (scheduled failures sit out): generous timeouts, so that a replica starved of
         # CPU by its 7 siblings is never dropped from the quorum (which would be an unscheduled failure)
         heartbeat_timeout_s=30.0, timeout_s=120.0, max_wall_s=4 * 3600.0)

@@ -214,3 +214,19 @@ def test_batch_part_measures_and_predicts_the_drop_penalty(tmp_path, corpus_cach
     rows = [r for r in csv.DictReader(out["csv"].open()) if r["benchmark"] == "fidelity/batch"]
     assert {(r["mode"], r["metric"]) for r in rows} >= {("failures.txt,B=3", "drop_penalty"),
                                                          ("failures.txt,B=6", "predicted_drop_penalty")}
+
+
+def test_help_names_the_model_tokenizer_and_data_options(capsys):
+    """--model (--preset its alias), --tokenizer and --data reach the trainer's fields of the same names; a
+    tokenizer directory that is not there is one line, exit 2, before anything trains."""
+    with pytest.raises(SystemExit) as exit_:
+        fidelity.main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0
+    for option in ("--model PRESET|DIR, --preset PRESET|DIR", "--tokenizer DIR", "--data SRC [SRC ...]",
+                   "--tokenize-rounds"):
+        assert option in out, option
+    with pytest.raises(SystemExit) as exit_:
+        fidelity.main(["--tokenizer", "/nonexistent-tokenizer", "--parts", "quality"])
+    assert exit_.value.code == 2
+    assert "--tokenizer /nonexistent-tokenizer: not a directory" in capsys.readouterr().err
