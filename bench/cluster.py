@@ -6,26 +6,12 @@
     python bench/cluster.py simulate     # n=32, low/mid/high, 5 seeds x 1000 h, from results.csv's step rows
     python bench/cluster.py simulate --device H100 --presets llama-350m llama-1b llama-7b --seq 2048
 
-The simulator reuses the trainer's rules instead of restating them:
-
-* failures: :func:`mecefo.failures.scenario_schedule`, the trainer's reading of the paper's scenarios
-  (each of the 32 replicas alternates up and down, mean up-time 32 x the job's failure interval,
-  down for the scenario's duration), on a one-minute grid over ``--hours`` of wall clock, seeded;
-* who runs what: :func:`mecefo.membership.plan_step` for the live set (neighbours, dropped shards).
-
-A step of synchronous data parallelism lasts as long as its slowest replica:
-``overhead + compute x work``, where ``work`` is 1 for a replica running its own shard and, for a
-neighbour running two, the measured ratio of a neighbour step to a normal one (bench/step.py's
-``step`` scope, one run: mecefo-both / normal for ``mecefo``, exact-both / normal for
-``ndb-exact``); ``shrink`` runs normal steps on fewer shards. Throughput is shards processed per
-second, integrated over the failure process. Each failure also stalls the job for the time the
-survivors take to notice (``detect``: the trainer's kill -> quorum without it) and each rejoin for a
-heal (state transfer). Policy ``restart`` (the trainer's: every failure restarts the whole job from
-its newest checkpoint, spares take the failed replicas' places) loses the restart time plus the
-progress since the last checkpoint, and pays a checkpoint save every Young/Daly interval
-sqrt(2 x save x MTBF) (the interval that suits it best). The drop is 1 - time-averaged throughput /
-failure-free throughput. The paper's MeCeFO, Bamboo and Oobleck drops (high scenario, 32 A100) are
-written next to ours as ``quoted`` rows.
+The simulator and the policy comparison live in the package (:mod:`mecefo.simulate`,
+:mod:`mecefo.planner`, :mod:`mecefo.time_to_quality`; ``mecefo-plan`` is their command): this driver
+feeds them the step costs measured here (bench/step.py's rows in results.csv: a normal micro-batch,
+the neighbour-mode one's paired ratio, the optimizer step) and the trainer's event costs, or the FLOP
+floor at GPU scale, and writes the rows. The paper's MeCeFO, Bamboo and Oobleck drops (high scenario,
+32 A100) are written next to ours as ``quoted`` rows.
 
 The ``trainer`` command checks the simulator against the real trainer on this CPU: 2 replicas of one
 thread each (2 cores, so no replica shares a core with another and a sat-out replica frees nothing
@@ -48,19 +34,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
-import math
 import os
 import statistics
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
-from functools import lru_cache
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -68,14 +48,15 @@ from records import DEFAULT_CSV, Recorder  # noqa: E402
 from timing import MAX_RATIO_SPREAD  # noqa: E402
 
 from mecefo.costs import WorkCosts  # noqa: E402
-from mecefo.failures import SCENARIOS, Schedule, load_schedule, scenario_schedule  # noqa: E402
-from mecefo.membership import (DEFAULT_DROP_PENALTY, DEFAULT_PENALTY, StepPlan, approximated_share,  # noqa: E402
-                               dropped_share, plan_step)
+from mecefo.failures import SCENARIOS, Schedule, load_schedule  # noqa: E402
+from mecefo.membership import DEFAULT_PENALTY  # noqa: E402
+from mecefo.planner import SIMULATED, CostSource, compare_policies, flop_floor_source  # noqa: E402
 from mecefo.policy import POLICIES  # noqa: E402
+from mecefo.simulate import DEFAULT_SEQUENCES, EventCosts, StepCosts, plan_at  # noqa: E402
+from mecefo.time_to_quality import QualityModel  # noqa: E402
 
 N_REPLICAS = 32
 DEFAULT_QUALITY = Path(__file__).resolve().parent / "results" / "fidelity_cpu-steps900.json"
-SLOT_S = 60.0  # the failure process's grid in the simulation: one minute
 
 # The paper's throughput drop at the high failure rate, 32 A100 (MECEFO.md): quoted, not measured.
 QUOTED_HIGH_DROP_PCT = {
@@ -85,235 +66,7 @@ QUOTED_HIGH_DROP_PCT = {
 }
 
 
-# --------------------------------------------------------------------------- the model
-
-FLOOR_EXACT = "floor-exact"  # the full batch run exactly by the survivors, perfectly spread: drop k / n
-FLOOR_APPROXIMATE = "floor-approximate"  # only the orphan work, approximated and perfectly spread
-FLOORS = (FLOOR_EXACT, FLOOR_APPROXIMATE)
-DEFAULT_SEQUENCES = 16  # sequences per replica per step in the simulation (a global batch of 512 on 32 replicas)
-
-
-@dataclass(frozen=True)
-class StepCosts:
-    """Seconds of one synchronous step: ``overhead_s + compute_s x`` the slowest replica's load (the plan's
-    predicted step time, :meth:`mecefo.membership.StepPlan.step_time`: 1 for its own shard run exactly)."""
-
-    compute_s: float  # one replica's forward + backward of its own shard, exactly
-    overhead_s: float = 0.0  # the rest of a step, whatever the replicas run (all-reduce, optimizer, quorum, ...)
-    work: WorkCosts = field(default_factory=WorkCosts)  # per-sequence costs by mode
-    sequences: int = DEFAULT_SEQUENCES  # m: spreading's granularity
-    penalty: float = DEFAULT_PENALTY  # auto's progress lost per unit share approximated
-    drop_penalty: float = DEFAULT_DROP_PENALTY  # ... and dropped
-
-    def plan(self, n: int, failed: frozenset[int], policy: str) -> StepPlan:
-        """The trainer's plan (policy restart trains with every replica, as the trainer does)."""
-        return _plan(n, frozenset() if policy == "restart" else failed, policy, self.sequences, self.work,
-                     self.penalty, self.drop_penalty)
-
-    def step_s(self, plan: StepPlan) -> float:
-        return self.overhead_s + self.compute_s * plan.step_time(self.work)
-
-    def floor_step_s(self, n: int, dead: int, which: str) -> float:
-        """A floor's step: the dead shards' work spread over the survivors with no granularity."""
-        orphan = self.work.exact if which == FLOOR_EXACT else self.work.neighbour
-        return self.overhead_s + self.compute_s * (1 + orphan * dead / (n - dead))
-
-
-@dataclass(frozen=True)
-class EventCosts:
-    """Job-wide stalls around a failure (policies other than restart) and a restart's costs."""
-
-    detect_s: float = 0.0  # a failure stalls every replica until the quorum drops the failed one
-    heal_s: float = 0.0  # a returning replica receives the state from a live one
-    restart_s: float = 0.0  # restart: dead time from the failure to the relaunched job's first step
-    save_s: float = 0.0  # restart: one checkpoint save
-
-
-# A GPU-scale job's event costs (the CPU trainer restarts in ~4 s, which no 32-GPU job does). restart: the
-# checkpoint-restart of a multi-node job takes minutes: "several minutes" per recovery (Just-In-Time
-# Checkpointing, Gupta et al., EuroSys 2024), and standby-machine recovery in ~20 s is "up to ~70x" faster
-# than checkpoint-based baselines at 1,024 GPUs (TrainMover, Lao et al., arXiv 2412.12636), i.e. tens of
-# minutes; we take 10 minutes. detect: torchft's lighthouse heartbeat timeout (5 s by default). heal: a
-# LLaMA-1B replica's weights and AdamW state (~16 GB) over a ~2 GB/s path, ~10 s. save: the same 16 GB to
-# shared storage at ~0.5 GB/s, ~30 s.
-GPU_EVENTS = EventCosts(detect_s=5.0, heal_s=10.0, restart_s=600.0, save_s=30.0)
-GPU_STEP_S = 1.0  # a GPU-scale step (e.g. LLaMA-1B at the paper's 471k tokens/s: a 512 x 1024-token batch, ~1.1 s)
-
-
-@lru_cache(maxsize=None)
-def _plan(n: int, failed: frozenset[int], policy: str, sequences: int, work: WorkCosts, penalty: float,
-          drop_penalty: float) -> StepPlan:
-    return plan_step(n, [r for r in range(n) if r not in failed], policy, sequences=sequences, costs=work,
-                     penalty=penalty, drop_penalty=drop_penalty)
-
-
-def plan_at(schedule: Schedule, failed: frozenset[int], policy: str, costs: StepCosts | None = None) -> StepPlan:
-    """The trainer's step plan for a failed set (policy restart trains with every replica, as the trainer does)."""
-    return (costs or StepCosts(1.0)).plan(schedule.replicas, failed, policy)
-
-
-def failure_intervals(schedule: Schedule, slots: int) -> list[tuple[int, int, frozenset[int]]]:
-    """[start, end) slot ranges over which the failed set is constant, with that set."""
-    edges = sorted({0, slots, *(w.start for w in schedule.windows), *(w.end for w in schedule.windows)})
-    return [(a, b, schedule.failed_at(a)) for a, b in zip(edges, edges[1:]) if a < slots]
-
-
-def fraction_with_failure(schedule: Schedule, slots: int) -> float:
-    return sum(b - a for a, b, failed in failure_intervals(schedule, slots) if failed) / slots
-
-
-def young_daly_interval_s(save_s: float, mtbf_s: float) -> float:
-    """The checkpoint period that minimises save time plus expected lost work: sqrt(2 x save x MTBF)."""
-    return math.sqrt(2 * save_s * mtbf_s)
-
-
-def restart_useful_fraction(failure_s: Iterable[float], horizon_s: float, events: EventCosts,
-                            every_s: float) -> float:
-    """Share of the horizon spent on work that survives, for checkpoint-restart.
-
-    Every failure throws away the work since the last completed checkpoint and costs restart_s of
-    dead time; between failures the job alternates every_s of work and a save_s checkpoint. The
-    work after the last checkpoint counts at the end of the horizon (the job ends there)."""
-    bounds = [0.0, *sorted(set(failure_s)), horizon_s]
-    useful = 0.0
-    for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
-        run = b - a - (events.restart_s if i > 0 else 0.0)
-        if run <= 0:
-            continue
-        cycles = math.floor(run / (every_s + events.save_s))
-        useful += cycles * every_s
-        if b == horizon_s:
-            useful += min(run - cycles * (every_s + events.save_s), every_s)
-    return useful / horizon_s
-
-
-@dataclass(frozen=True)
-class ClusterResult:
-    policy: str
-    scenario: str
-    seed: int
-    n: int
-    shards_per_s: float  # time-averaged
-    drop_pct: float  # vs failure-free
-    steps_per_s: float  # optimizer steps per second, time-averaged (the rate training progresses at)
-    free_steps_per_s: float  # the same without failures
-    approximated_share: float  # mean over steps of the share of the global batch run in neighbour mode
-    dropped_share: float  # mean over steps of the share of the global batch dropped
-
-
-def simulate_cluster(scenario: str, policy: str, costs: StepCosts, events: EventCosts, *, n: int = N_REPLICAS,
-                     hours: float = 1000.0, seed: int = 0) -> ClusterResult:
-    """Time-averaged throughput and step rate of an n-replica job over ``hours`` of the scenario's failures.
-
-    ``policy``: a trainer policy (:data:`mecefo.policy.POLICIES`) or one of :data:`FLOORS`."""
-    slots = int(round(hours * 3600 / SLOT_S))
-    schedule = scenario_schedule(scenario, replicas=n, steps=slots, hours=hours, seed=seed)
-    horizon_s = slots * SLOT_S
-    normal_step_s = costs.overhead_s + costs.compute_s
-    free = n / normal_step_s
-    if policy == "restart":
-        mtbf_s = SCENARIOS[scenario].interval_h * 3600
-        every_s = young_daly_interval_s(events.save_s, mtbf_s) if events.save_s > 0 else horizon_s
-        fraction = restart_useful_fraction((s * SLOT_S for s in schedule.failure_starts()), horizon_s, events, every_s)
-        return ClusterResult(policy, scenario, seed, n, free * fraction, 100 * (1 - fraction), fraction / normal_step_s,
-                             1 / normal_step_s, 0.0, 0.0)
-    shards = steps = approximated = dropped = 0.0
-    for a, b, failed in failure_intervals(schedule, slots):
-        if policy in FLOORS:
-            step_s = costs.floor_step_s(n, len(failed), policy) if failed else normal_step_s
-            processed, share_approx, share_dropped = n, (len(failed) / n if policy == FLOOR_APPROXIMATE else 0.0), 0.0
-        else:
-            plan = costs.plan(n, failed, policy)
-            step_s, processed = costs.step_s(plan), plan.processed
-            share_approx, share_dropped = approximated_share(plan), dropped_share(plan)
-        count = (b - a) * SLOT_S / step_s
-        shards += count * processed
-        steps += count
-        approximated += count * share_approx
-        dropped += count * share_dropped
-    # stalls: every failure start (detect) and every return (heal) stops the whole job, at the
-    # throughput of the moment (close enough to the failure-free one: a stall is seconds long)
-    stalls = len(schedule.windows) * events.detect_s + sum(w.end < slots for w in schedule.windows) * events.heal_s
-    shards -= stalls * free
-    approximated_mean, dropped_mean = approximated / steps, dropped / steps
-    steps -= stalls / normal_step_s
-    return ClusterResult(policy, scenario, seed, n, shards / horizon_s, 100 * (1 - shards / horizon_s / free),
-                         steps / horizon_s, 1 / normal_step_s, approximated_mean, dropped_mean)
-
-
-# --------------------------------------------------------------------------- time to quality
-
-
-@dataclass(frozen=True)
-class QualityModel:
-    """How much training progress a policy's steps make, from bench/fidelity.py's runs.
-
-    A failure-free job of S steps reaches validation loss ``L*(S)`` (the ladder: runs of several
-    lengths, each with its own warm-up and cosine decay). A run under a policy that ends at loss
-    ``L`` after S steps made ``E = L*^-1(L)`` effective steps; its per-step efficiency ``E / S`` is
-    modelled as ``1 - penalty x share``, share being the fraction of its sequences approximated
-    (or, for shrink, dropped) over the run, so that ``penalty = (1 - E / S) / share``. Exact
-    policies compute the full-batch gradient: efficiency 1 by construction.
-    """
-
-    penalties: dict[str, float]  # variant ("mecefo", "spread-orphan:momentum", "shrink", ...) -> penalty
-    ladder: tuple[tuple[int, float], ...]  # (steps, no-failure validation loss), fully annealed runs
-    steps: int  # S: the target is the no-failure run's loss after S steps
-
-    @property
-    def drop_penalty(self) -> float:
-        """Progress lost per unit share dropped: shrink's (any policy that drops pays it)."""
-        return self.penalties.get("shrink", 0.0)
-
-    def approximation_penalty(self, variant: str) -> float:
-        """The measured penalty of the trained variant with the same approximation (penalty_variant)."""
-        return 0.0 if variant.split(":")[0] == "shrink" else self.penalties.get(penalty_variant(variant), 0.0)
-
-    def efficiency(self, variant: str, result: ClusterResult) -> float:
-        e = (1.0 - self.approximation_penalty(variant) * result.approximated_share
-             - self.drop_penalty * result.dropped_share)
-        return max(1e-9, e)
-
-    def loss_at(self, effective_steps: float) -> float:
-        """L*(E): piecewise linear in log(steps), extended linearly past both ends."""
-        return _interpolate_log([s for s, _ in self.ladder], [loss for _, loss in self.ladder], effective_steps)
-
-    def effective_steps(self, loss: float) -> float:
-        """L*^-1(loss): the steps a failure-free job needs to reach ``loss`` (the ladder decreases)."""
-        steps, losses = [s for s, _ in self.ladder], [loss for _, loss in self.ladder]
-        return math.exp(_interpolate(losses[::-1], [math.log(s) for s in steps][::-1], loss))
-
-
-def _interpolate(xs: list[float], ys: list[float], x: float) -> float:
-    """Piecewise linear through (xs, ys) (xs increasing), extended linearly by the end segments."""
-    i = max(1, min(len(xs) - 1, next((k for k, v in enumerate(xs) if v >= x), len(xs) - 1)))
-    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
-    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-
-
-def _interpolate_log(steps: list[int], losses: list[float], x: float) -> float:
-    return _interpolate([math.log(s) for s in steps], losses, math.log(x))
-
-
-@dataclass(frozen=True)
-class TimeToQuality:
-    variant: str
-    scenario: str
-    n: int
-    time_ratio: float  # wall clock to reach L*(S), over the failure-free job's (S steps)
-    loss_at_budget: float  # validation loss reached in the failure-free job's wall clock
-    efficiency: float  # progress per step
-
-
-def time_to_quality(variant: str, result: ClusterResult, quality: QualityModel) -> TimeToQuality:
-    """Wall clock to the failure-free job's final loss, and the loss reached in its wall clock.
-
-    The job needs ``S / efficiency`` steps at ``result.steps_per_s``; in the failure-free job's time
-    (``S / free_steps_per_s``) it makes ``efficiency x S x steps_per_s / free_steps_per_s`` effective
-    steps (its schedule planned for that many steps)."""
-    e = quality.efficiency(variant, result)
-    rate = result.steps_per_s / result.free_steps_per_s
-    return TimeToQuality(variant, result.scenario, result.n, 1 / (e * rate), quality.loss_at(e * rate * quality.steps), e)
+# --------------------------------------------------------------------------- the trainer check's prediction
 
 
 def predict_trainer_run(schedule: Schedule, steps: int, policy: str, costs_at: Callable[[int], StepCosts],
@@ -700,18 +453,6 @@ def trainer_main(args) -> int:
 # --------------------------------------------------------------------------- the n-replica cluster
 
 
-@dataclass(frozen=True)
-class CostSource:
-    """Where a simulation's step and event costs come from."""
-
-    name: str  # "measured PRESET" or "flop-floor"
-    label: str  # what it is, for the tables
-    costs: StepCosts
-    events: EventCosts
-    device: str
-    tokens_per_shard: int
-
-
 def measured_source(rows: list[dict], device: str | None, preset: str, seq: int | None, sequences: int,
                     comm_ms: float, events: EventCosts) -> CostSource:
     """bench/step.py's newest rows (the neighbour-mode cost as measured) and the CPU trainer's event costs."""
@@ -721,85 +462,6 @@ def measured_source(rows: list[dict], device: str | None, preset: str, seq: int 
              f"sequence {costs.work.neighbour:.3f}x, step {1e3 * costs.compute_s:.4g} ms + {1e3 * costs.overhead_s:.3g} ms "
              f"optimizer/comm; events " + ", ".join(f"{k} {v:.3g} s" for k, v in vars(events).items()))
     return CostSource(f"measured {preset}", label, costs, events, step_rows.device, step_rows.tokens_per_shard)
-
-
-def flop_floor_source(preset: str, seq: int, sequences: int, comm_ms: float) -> CostSource:
-    """A GPU-scale job at the FLOP floor: the neighbour-mode cost is the model's FLOP ratio, a step lasts
-    GPU_STEP_S, events are GPU_EVENTS (a 10-minute restart, quoted)."""
-    from mecefo.costs import neighbour_flop_ratio
-    from mecefo.presets import get_preset
-    from mecefo_kernels.nn.decoder import DEFAULT_RANK
-
-    ratio = neighbour_flop_ratio(get_preset(preset), seq, DEFAULT_RANK)
-    costs = StepCosts(GPU_STEP_S, comm_ms / 1e3, WorkCosts(neighbour=ratio), sequences)
-    label = (f"FLOP floor: {preset}, seq {seq}, rank 1/32, neighbour-mode sequence {ratio:.3f}x; GPU-scale step "
-             f"{GPU_STEP_S:g} s; events " + ", ".join(f"{k} {v:g} s" for k, v in vars(GPU_EVENTS).items()))
-    return CostSource("flop-floor", label, costs, GPU_EVENTS, f"model: {preset} at the FLOP floor", seq * sequences)
-
-
-SIMULATED = (*POLICIES, *FLOORS)
-
-
-def penalty_variant(variant: str) -> str:
-    """The trained variant whose measured penalty a variant uses: quality depends only on which work is
-    approximated (neighbour-orphan and auto approximate orphan work: spread-orphan's runs)."""
-    policy, _, basis = variant.partition(":")
-    trained = {"neighbour-orphan": "spread-orphan", "auto": "spread-orphan",
-               FLOOR_APPROXIMATE: "spread-orphan"}.get(policy, policy)
-    return trained + (f":{basis}" if basis else "")
-
-
-def simulate_source(source: CostSource, ns, scenarios, seeds, hours: float, quality: QualityModel | None,
-                    progress: bool = True) -> dict:
-    """Every policy (and floor) under each scenario at each n; with ``quality``, time to quality of each
-    variant. Returns {"drops": [...], "ttq": [...]} rows (means over seeds with min / max)."""
-    variants = quality_variants(quality) if quality else []
-    drops, ttq = [], []
-    for n in ns:
-        for scenario in scenarios:
-            t0 = time.time()
-            per_policy: dict[str, list[ClusterResult]] = {}
-            for policy in SIMULATED:
-                if policy == "auto" and quality:
-                    continue  # with the measured penalties, below
-                per_policy[policy] = [simulate_cluster(scenario, policy, source.costs, source.events, n=n,
-                                                       hours=hours, seed=seed) for seed in seeds]
-            for auto in (v for v in variants if v.split(":")[0] == "auto"):
-                costs = replace(source.costs, penalty=quality.approximation_penalty(auto),
-                                drop_penalty=quality.drop_penalty)
-                per_policy[auto] = [simulate_cluster(scenario, "auto", costs, source.events, n=n, hours=hours,
-                                                     seed=seed) for seed in seeds]
-            for policy, results in per_policy.items():
-                if ":" in policy:
-                    continue
-                values = [r.drop_pct for r in results]
-                drops.append(dict(source=source.name, n=n, scenario=scenario, policy=policy,
-                                  drop_pct=statistics.mean(values), low=min(values), high=max(values),
-                                  tokens_per_s=statistics.mean(r.shards_per_s for r in results) * source.tokens_per_shard,
-                                  approximated_share=statistics.mean(r.approximated_share for r in results),
-                                  dropped_share=statistics.mean(r.dropped_share for r in results)))
-            for variant in variants:
-                policy = variant.split(":")[0]
-                results = per_policy.get(variant) or per_policy[policy]
-                rows = [time_to_quality(variant, r, quality) for r in results]
-                ratios = [t.time_ratio for t in rows]
-                ttq.append(dict(source=source.name, n=n, scenario=scenario, variant=variant,
-                                time_ratio=statistics.mean(ratios), low=min(ratios), high=max(ratios),
-                                loss_at_budget=statistics.mean(t.loss_at_budget for t in rows),
-                                efficiency=statistics.mean(t.efficiency for t in rows),
-                                drop_pct=statistics.mean(r.drop_pct for r in results)))
-            if progress:
-                print(f"  {source.name} n={n} {scenario}: {time.time() - t0:.1f} s", file=sys.stderr, flush=True)
-    return {"drops": drops, "ttq": ttq}
-
-
-def quality_variants(quality: QualityModel) -> list[str]:
-    """Variants with a time to quality: every policy and the exact floor, and each basis the runs measured."""
-    bases = sorted({v.partition(":")[2] for v in quality.penalties if ":" in v})
-    approximating = ("mecefo", "neighbour-orphan", "spread-orphan", "auto")
-    out = [p for p in (*POLICIES, FLOOR_EXACT)]
-    out += [f"{p}:{b}" for b in bases for p in approximating]
-    return out
 
 
 def _print_by_scenario(rows: list[dict], key: str, names, title: str, width: int, column: int, cell) -> None:
@@ -829,13 +491,10 @@ def print_ttq(result: dict, ns) -> None:
 
 def load_quality(path: Path) -> QualityModel | None:
     """The quality model bench/fidelity.py stored (its ``quality_model`` entry), or None."""
-    if not path.is_file():
+    try:
+        return QualityModel.load(path) if path.is_file() else None
+    except ValueError:
         return None
-    stored = json.loads(path.read_text()).get("quality_model")
-    if not stored:
-        return None
-    return QualityModel({k: v["mean"] for k, v in stored["penalties"].items()},
-                        tuple((int(s), loss) for s, loss in stored["ladder"]), stored["steps"])
 
 
 def simulate_main(args) -> int:
@@ -862,7 +521,7 @@ def simulate_main(args) -> int:
              f"; no quality model in {args.quality}: throughput only"))
     for source in sources:
         print(f"\n## {source.label}")
-        result = simulate_source(source, args.n, list(SCENARIOS), seeds, args.hours, quality)
+        result = compare_policies(source, args.n, list(SCENARIOS), seeds, args.hours, quality)
         print_drops(result, args.n)
         if quality:
             print_ttq(result, args.n)

@@ -40,6 +40,7 @@ from records import Recorder  # noqa: E402
 from timing import MAX_RATIO_SPREAD, paired_ratio, summary_timing  # noqa: E402
 
 from mecefo.data import prepare_corpus, stdlib_sources  # noqa: E402
+from mecefo.documents import TEXT, Source, find_sources, iter_records  # noqa: E402
 from mecefo.tokenizing import default_workers  # noqa: E402
 
 
@@ -59,6 +60,71 @@ def train_bpe(directory: Path, vocab: int = 400) -> Path:
     return directory
 
 
+def documents(sources: list[str], text_field: str = "text") -> list[str]:
+    """The non-empty documents of ``--data sources`` in prepare_corpus's order ("stdlib": one per file)."""
+    found = ([Source(TEXT, p) for p in stdlib_sources()] if sources == ["stdlib"] else find_sources(sources))
+    return [t for t in iter_records(found, text_field) if t]
+
+
+def measure(tokenizer_dir: Path, sources: list[str], texts: list[str], workers: list[int], rounds: int,
+            scratch: Path, text_field: str = "text") -> tuple[dict[str, list[float]], dict[str, int]]:
+    """Seconds per round of the tokenizer's batch encoding of ``texts`` ("batch") and of
+    ``prepare_corpus(sources)`` into an empty cache under ``scratch`` with each count of worker processes
+    ("prepare:W"), interleaved; and the tokens each produced. ``texts`` are the documents of ``sources``."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+
+    def batch() -> int:
+        return sum(len(ids) for ids in tokenizer(texts)["input_ids"])
+
+    def prepare(workers: int, round_: int) -> int:
+        cache = scratch / f"cache-{workers}-{round_}"
+        corpus = prepare_corpus(sources, cache_dir=cache, tokenizer=str(tokenizer_dir), text_field=text_field,
+                                workers=workers)
+        itemsize = np.dtype(corpus.dtype).itemsize
+        count = (Path(corpus.train).stat().st_size + Path(corpus.val).stat().st_size) // itemsize
+        shutil.rmtree(cache)
+        return count
+
+    seconds: dict[str, list[float]] = {"batch": [], **{f"prepare:{w}": [] for w in workers}}
+    counts: dict[str, int] = {}
+    for round_ in range(rounds):
+        for name in seconds:
+            started = time.perf_counter()
+            counts[name] = batch() if name == "batch" else prepare(int(name.split(":")[1]), round_)
+            seconds[name].append(time.perf_counter() - started)
+    return seconds, counts
+
+
+def record(recorder: Recorder, seconds: dict[str, list[float]], counts: dict[str, int], config: str,
+           max_spread: float = MAX_RATIO_SPREAD) -> list[str]:
+    """Rows (tokens/s of each, prepare_corpus's rate as a paired ratio to the batch encoding's) into
+    ``recorder``; returns the printed table's lines."""
+    lines = [f"{'provider':<26}{'tokens':>11}{'s (median)':>12}{'Mtokens/s':>11}{'p20-p80':>16}{'x batch':>9}"]
+    flagged = []
+    for name, times in seconds.items():
+        quantiles = summary_timing([counts[name] / t for t in times])  # of the rates, not of times
+        median, p20, p80 = quantiles.median_ms, quantiles.p20_ms, quantiles.p80_ms
+        provider, mode = ("tokenizer(batch)", "rust threads") if name == "batch" else (
+            "prepare_corpus", f"workers={name.split(':')[1]}")
+        add = dict(benchmark="data/tokenize", provider=provider, mode=mode, config=config)
+        recorder.add(**add, metric="throughput", unit="tokens/s", median=median, p20=p20, p80=p80)
+        shown = ""
+        if name != "batch":
+            # rate ratio per round: (n_p / t_p) / (n_b / t_b) = (t_b * n_p / n_b) / t_p
+            ratio = paired_ratio([b * counts[name] / counts["batch"] for b in seconds["batch"]], times)
+            supported = ratio.supported(max_spread)
+            recorder.add(**add, metric="throughput_ratio" if supported else "throughput_ratio_unsupported",
+                         unit="x tokenizer batch", median=ratio.median, p20=ratio.p20, p80=ratio.p80)
+            shown = f"{ratio.median:.3f}" if supported else "?"
+            if not supported:
+                flagged.append(f"# {mode}: ratio {ratio.describe()} is not supported by its measurement")
+        lines.append(f"{provider + ' ' + mode:<26}{counts[name]:>11}{statistics.median(times):>12.2f}"
+                     f"{median / 1e6:>11.3f}{f'{p20 / 1e6:.3f}-{p80 / 1e6:.3f}':>16}{shown:>9}")
+    return lines + flagged
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokenizer", type=Path, default=None, help="a local tokenizer directory (default: the "
@@ -72,12 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-save", action="store_true", help="print only")
     args = parser.parse_args(argv)
 
-    from transformers import AutoTokenizer
-
     scratch = Path(tempfile.mkdtemp(prefix="mecefo-bench-tokenize-"))
     try:
         tokenizer_dir = args.tokenizer or train_bpe(scratch / "bpe")
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
         files = stdlib_sources()[:args.files]
         corpus_dir = scratch / "corpus"
         corpus_dir.mkdir()
@@ -86,58 +149,25 @@ def main(argv: list[str] | None = None) -> int:
             texts.append(path.read_text())
             (corpus_dir / f"{i:05d}.py").write_text(texts[-1])
         megabytes = sum(len(t.encode()) for t in texts) / 1e6
-
-        def batch() -> int:
-            return sum(len(ids) for ids in tokenizer(texts)["input_ids"])
-
-        def prepare(workers: int, round_: int) -> int:
-            cache = scratch / f"cache-{workers}-{round_}"
-            corpus = prepare_corpus([str(corpus_dir)], cache_dir=cache, tokenizer=str(tokenizer_dir), workers=workers)
-            itemsize = np.dtype(corpus.dtype).itemsize
-            count = (Path(corpus.train).stat().st_size + Path(corpus.val).stat().st_size) // itemsize
-            shutil.rmtree(cache)
-            return count
-
-        seconds: dict[str, list[float]] = {"batch": [], **{f"prepare:{w}": [] for w in args.workers}}
-        counts: dict[str, int] = {}
-        for round_ in range(args.rounds):
-            for name in seconds:
-                started = time.perf_counter()
-                counts[name] = batch() if name == "batch" else prepare(int(name.split(":")[1]), round_)
-                seconds[name].append(time.perf_counter() - started)
+        seconds, counts = measure(tokenizer_dir, [str(corpus_dir)], texts, args.workers, args.rounds, scratch)
 
         recorder = Recorder(torch.device("cpu"), **({"path": args.csv} if args.csv else {}))
-        config = f"stdlib:{len(files)} files,{megabytes:.1f} MB,{Path(tokenizer_dir).name},vocab={len(tokenizer)}"
+        config = f"stdlib:{len(files)} files,{megabytes:.1f} MB,{Path(tokenizer_dir).name},vocab={vocab_size(tokenizer_dir)}"
         print(f"# corpus preparation vs the tokenizer's batch encoding on {recorder.env['device']}: {config}, "
               f"{args.rounds} rounds")
-        print(f"{'provider':<26}{'tokens':>11}{'s (median)':>12}{'Mtokens/s':>11}{'p20-p80':>16}{'x batch':>9}")
-        flagged = []
-        for name, times in seconds.items():
-            quantiles = summary_timing([counts[name] / t for t in times])  # of the rates, not of times
-            median, p20, p80 = quantiles.median_ms, quantiles.p20_ms, quantiles.p80_ms
-            provider, mode = ("tokenizer(batch)", "rust threads") if name == "batch" else (
-                "prepare_corpus", f"workers={name.split(':')[1]}")
-            add = dict(benchmark="data/tokenize", provider=provider, mode=mode, config=config)
-            recorder.add(**add, metric="throughput", unit="tokens/s", median=median, p20=p20, p80=p80)
-            shown = ""
-            if name != "batch":
-                # rate ratio per round: (n_p / t_p) / (n_b / t_b) = (t_b * n_p / n_b) / t_p
-                ratio = paired_ratio([b * counts[name] / counts["batch"] for b in seconds["batch"]], times)
-                supported = ratio.supported(args.max_spread)
-                recorder.add(**add, metric="throughput_ratio" if supported else "throughput_ratio_unsupported",
-                             unit="x tokenizer batch", median=ratio.median, p20=ratio.p20, p80=ratio.p80)
-                shown = f"{ratio.median:.3f}" if supported else "?"
-                if not supported:
-                    flagged.append(f"# {mode}: ratio {ratio.describe()} is not supported by its measurement")
-            print(f"{provider + ' ' + mode:<26}{counts[name]:>11}{statistics.median(times):>12.2f}"
-                  f"{median / 1e6:>11.3f}{f'{p20 / 1e6:.3f}-{p80 / 1e6:.3f}':>16}{shown:>9}")
-        for line in flagged:
+        for line in record(recorder, seconds, counts, config, args.max_spread):
             print(line)
         if not args.no_save:
             print(f"appended {len(recorder.rows)} rows to {recorder.save()}")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return 0
+
+
+def vocab_size(tokenizer_dir: Path) -> int:
+    from transformers import AutoTokenizer
+
+    return len(AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True))
 
 
 if __name__ == "__main__":

@@ -13,12 +13,14 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .membership import DEFAULT_DROP_PENALTY, DEFAULT_MAX_LOAD, DEFAULT_PENALTY
+from .noise import DEFAULT_BETA as DEFAULT_NOISE_EMA
 from .policy import APPROXIMATIONS, BASES, POLICIES, TAKEOVERS, Policy, check_policy, resolve_policy
 from .presets import PRESETS, get_preset
 
 # float32 / float64: weights, optimizer state and compute in that dtype; bfloat16: mixed precision (float32
 # master weights and AdamW state, bf16 compute under autocast)
 DTYPES = ("float32", "float64", "bfloat16")
+AUTO_PENALTIES = ("live", "fixed")
 REDUCE_DTYPES = ("float32", "bfloat16")  # the gradient all-reduce: the master dtype, or bf16 (not on gloo/CPU)
 INITS = ("random", "pretrained")
 DEFAULT_MODEL = "tiny"
@@ -69,6 +71,10 @@ class TrainConfig:
     neighbour_cost: float | None = None  # a neighbour-mode sequence / an exact one (None: the model's FLOP ratio)
     auto_penalty: float = DEFAULT_PENALTY  # auto: progress lost per unit share of the batch approximated
     auto_drop_penalty: float = DEFAULT_DROP_PENALTY  # auto: progress lost per unit share of the batch dropped
+    # auto: live = the drop penalty predicted from the online gradient noise scale (mecefo.noise) once its
+    # averages are ready (auto_drop_penalty until then); fixed = auto_drop_penalty always
+    auto_penalties: str = "live"
+    noise_ema: float = DEFAULT_NOISE_EMA  # the noise scale's moving-average factor per committed step
     # MeCeFO: low-rank gradient rank (int, or fraction of in_features), the bases' refresh period in
     # steps during a failure episode (None: mecefo_kernels' defaults), and what the bases come from
     rank: int | float | None = None
@@ -121,6 +127,11 @@ class TrainConfig:
             raise ValueError(f"max_load must be >= 1 (shards of work a replica runs), got {self.max_load}")
         if self.neighbour_cost is not None and not self.neighbour_cost > 0:
             raise ValueError(f"neighbour_cost must be > 0, got {self.neighbour_cost}")
+        if self.auto_penalties not in AUTO_PENALTIES:
+            raise ConfigError("auto_penalties", f"auto_penalties must be one of {', '.join(AUTO_PENALTIES)}, got "
+                                                f"{self.auto_penalties!r}")
+        if not 0 <= self.noise_ema < 1:
+            raise ConfigError("noise_ema", f"noise_ema must be in [0, 1), got {self.noise_ema}")
         if self.auto_penalty < 0 or self.auto_drop_penalty < 0:
             raise ValueError(f"auto_penalty and auto_drop_penalty must be >= 0, got {self.auto_penalty} and "
                              f"{self.auto_drop_penalty}")
@@ -300,7 +311,15 @@ def add_train_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig) 
                         "1/(1 - penalty x share) - 1 more step time")
     g.add_argument("--auto-drop-penalty", type=float, default=d.auto_drop_penalty,
                    help="auto: training progress lost per unit share of the batch dropped (default %(default)s, "
-                        "measured by bench/fidelity.py)")
+                        "measured by bench/fidelity.py); with --auto-penalties live, only until the noise scale's "
+                        "estimate is ready")
+    g.add_argument("--auto-penalties", default=d.auto_penalties, choices=AUTO_PENALTIES,
+                   help="auto: live (default) = the drop penalty B_noise / (B + B_noise) from the gradient noise "
+                        "scale measured while training; fixed = --auto-drop-penalty throughout. The approximation "
+                        "penalty is --auto-penalty either way")
+    g.add_argument("--noise-ema", type=float, default=d.noise_ema,
+                   help="moving-average factor per step of the gradient noise scale's |G|^2 and tr(Sigma) "
+                        "(default %(default)s: a window of ~50 steps)")
     g.add_argument("--rank", type=_rank, default=d.rank,
                    help="MeCeFO low-rank gradient rank: an int, or a fraction of each weight's in_features "
                         "(default: mecefo_kernels' default)")

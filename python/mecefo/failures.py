@@ -120,7 +120,14 @@ def scenario_schedule(name: str, *, replicas: int, steps: int, hours: float, see
     if name not in SCENARIOS:
         raise ValueError(f"unknown failure scenario {name!r}; choose low, mid, high or a schedule file")
     sc = SCENARIOS[name]
-    mean_up_h = sc.interval_h * PAPER_REPLICAS
+    return renewal_schedule(sc.interval_h * PAPER_REPLICAS, sc.duration_h, replicas=replicas, steps=steps,
+                            hours=hours, seed=seed, name=name)
+
+
+def renewal_schedule(mean_up_h: float, down_h: float, *, replicas: int, steps: int, hours: float, seed: int,
+                     name: str = "renewal") -> Schedule:
+    """Each replica alternates exponential up-times of mean ``mean_up_h`` (a node's MTBF) and ``down_h`` down
+    (its repair), seeded; ``steps`` span ``hours``."""
     rng = np.random.default_rng(np.random.SeedSequence((seed, 0x5CED, replicas, steps)))
     windows = []
     for replica in range(replicas):
@@ -130,10 +137,10 @@ def scenario_schedule(name: str, *, replicas: int, steps: int, hours: float, see
             if t >= hours:
                 break
             start = int(t / hours * steps)
-            end = min(steps, int((t + sc.duration_h) / hours * steps))
+            end = min(steps, int((t + down_h) / hours * steps))
             if end > start:
                 windows.append(FailureWindow(replica, start, end))
-            t += sc.duration_h
+            t += down_h
     return Schedule(_keep_one_live(windows, replicas, steps), replicas, name)
 
 

@@ -58,6 +58,7 @@ from .membership import plan_step
 from .model import compute_context, evaluate, optimizer_hash, parameter_hash, replica_device, run_work
 from .models import ModelSource, build_model, export_model, model_vocab, resolve_model_source
 from .neighbor import neighbor_path, refresh_due
+from .noise import NoiseScale, estimate, local_terms, squared_norm
 from .optim import build_optimizer, lr_at, set_lr
 from .quorum import LOOPBACK, Membership, connect_store
 from .ranks import GroupBatches, IntraGroup, rank_items
@@ -160,6 +161,8 @@ class Replica:
         # a state transfer's largest message: the largest tensor (parameters and AdamW moments share shapes)
         self.largest_message = max(p.numel() * p.element_size() for p in self.model.parameters())
         self.grad_bytes = sum(p.numel() * p.element_size() for _, p in self.sync.params)
+        # the gradient noise scale (mecefo.noise): from all-reduced numbers only, so the same on every replica
+        self.noise = NoiseScale(cfg.noise_ema)
 
         self.membership = Membership(
             replica=replica, lighthouse=lighthouse, state_dict=self.state_dict,
@@ -185,7 +188,8 @@ class Replica:
                 "bases": self.path.bases_state(self.model) if has_bases else {},
                 "trainer": {"step": step, "data_position": step, "lr": lr_at(step, self.cfg),
                             "corpus": self.corpus.fingerprint, "model": self.model_identity, "bases_step": self.bases_step if has_bases else -1,
-                            "episode_open": self.episode_open, "lineage": self.lineage}}
+                            "episode_open": self.episode_open, "lineage": self.lineage,
+                            "noise": self.noise.state_dict()}}
 
     def load_state_dict(self, state: dict) -> None:
         trainer = state["trainer"]
@@ -205,6 +209,9 @@ class Replica:
         else:  # none sent (no failure yet), or a checkpoint from before bases were saved: refreshed when needed
             self.bases_step = None
         self.episode_open = bool(trainer.get("episode_open", False))
+        self.noise = NoiseScale(self.cfg.noise_ema)  # a checkpoint from before the estimate: it starts again
+        if "noise" in trainer:
+            self.noise.load_state_dict(trainer["noise"])
         self.healed = True
 
     def _resume(self) -> None:
@@ -324,9 +331,10 @@ class Replica:
         cfg = self.cfg
         members = self.membership.members
         failed = frozenset() if self.policy.restart else self.schedule.failed_among(step, members)
+        penalty, drop_penalty, believed = self._auto_penalties()
         plan = plan_step(cfg.replicas, [r for r in members if r not in failed], self.policy,
                          sequences=self.batches.micro_batch, costs=self.costs, max_load=cfg.max_load,
-                         penalty=cfg.auto_penalty, drop_penalty=cfg.auto_drop_penalty)
+                         penalty=penalty, drop_penalty=drop_penalty)
         items = plan.items_of(self.replica)
         load = plan.load(self.replica, self.costs)  # this group's work, in normal shards
         deadline_s = self.deadlines.collective_s(load, plan.step_time(self.costs), replay)
@@ -348,22 +356,36 @@ class Replica:
 
         t1 = time.perf_counter()
         contributes = bool(items)
-        # summed: the global loss, and the job's compute seconds per shard of work (the deadlines' unit)
-        stats = torch.tensor([loss_sum, shards, compute_s, load], dtype=torch.float64)
+        # summed: the global loss, the job's compute seconds per shard of work (the deadlines' unit), and the
+        # noise scale's two local terms (mecefo.noise), set below
+        stats = torch.tensor([loss_sum, shards, compute_s, load, 0.0, 0.0], dtype=torch.float64)
         if self.ranks.world_size > 1:
             # the group's sums first, on every rank whatever happens across groups next (the ranks'
             # intra-group collectives must match); then every rank sums its group's with the other groups'
             self.sync.reduce(self.ranks.allreduce_sum, contributes=contributes)
             self.ranks.allreduce_sum(stats)
             contributes = True
+        # the noise scale needs exact gradients: a step with neighbour-mode work leaves the estimate as it is
+        measure_noise = not needs_bases
+        m = self.batches.micro_batch
+        if measure_noise:  # this replica's (group's, after the intra-group sum) gradient, before the all-reduce
+            group_sequences = sum(item.sequences for item in plan.items_of(self.replica))
+            stats[4:] = torch.tensor(local_terms(squared_norm(p.grad for _, p in self.sync.params),
+                                                 group_sequences, m), dtype=torch.float64)
         t_grad = time.perf_counter()
         ok = self.sync.reduce(self._allreduce_sum, contributes=contributes)
         grad_s = time.perf_counter() - t_grad
         ok = ok and self.membership.allreduce_sum(stats)
+        global_sq = 0.0
         if ok:
             self.sync.normalise(plan.normalisers())
+            # with measure_noise every parameter was divided by the same normaliser: the global mean gradient,
+            # whose norm the clip computes anyway (before clipping)
             if cfg.clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip, foreach=False)
+                total = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip, foreach=False)
+                global_sq = float(total.double()) ** 2
+            elif measure_noise:
+                global_sq = squared_norm(p.grad for _, p in self.sync.params)
         else:
             self.membership.abort()
         lr = lr_at(step, cfg)
@@ -377,6 +399,9 @@ class Replica:
         self.deadlines.observe_compute(stats[2].item(), stats[3].item())
         self.deadlines.observe_allreduce(self.grad_bytes, grad_s)
         processed = stats[1].item()  # the job's shards run this step, in group shards of G data shards each
+        sample = estimate(stats[4].item(), stats[5].item(), processed * m, global_sq) if measure_noise else None
+        if sample is not None:  # committed: every replica of the quorum updates the same averages
+            self.noise.update(sample)
         return dict(step=step, replica=self.replica, policy=cfg.policy, plan_policy=plan.policy.name,
                     time=time.time(), loss=stats[0].item() / processed, lr=lr,
                     tokens=round(processed * self.ranks.world_size * cfg.tokens_per_shard), compute_s=compute_s,
@@ -388,7 +413,30 @@ class Replica:
                     work=[[i.shard, i.start, i.stop, i.mode] for i in items],
                     neighbour=plan.is_neighbour(self.replica), neighbour_mode=plan.runs_neighbour_mode(self.replica),
                     predicted_step=plan.step_time(self.costs), bases_refreshed=refreshed, bases_step=self.bases_step,
-                    quorum_id=self.membership.quorum_id, deadline_s=deadline_s)
+                    quorum_id=self.membership.quorum_id, deadline_s=deadline_s, **self._noise_record(sample),
+                    **({"auto_penalty": penalty, "auto_drop_penalty": drop_penalty, "auto_penalties": believed}
+                       if self.policy.is_auto else {}))
+
+    def _auto_penalties(self) -> tuple[float, float, str]:
+        """(approximation penalty, drop penalty, where the drop penalty comes from) for this step's plan: with
+        --auto-penalties live, the drop penalty the noise scale predicts at the full global batch once its
+        averages are ready (the state every replica shares: plans stay a function of shared state)."""
+        cfg = self.cfg
+        if cfg.auto_penalties == "live":
+            predicted = self.noise.drop_penalty(cfg.replicas * self.batches.micro_batch)
+            if self.noise.ready and predicted is not None:
+                return cfg.auto_penalty, predicted, "live"
+            return cfg.auto_penalty, cfg.auto_drop_penalty, "fixed: noise scale not ready"
+        return cfg.auto_penalty, cfg.auto_drop_penalty, "fixed"
+
+    def _noise_record(self, sample) -> dict:
+        """The step's noise-scale fields: its own estimates (None: not measured) and the averages after it."""
+        batch = self.cfg.replicas * self.batches.micro_batch
+        b_simple = self.noise.b_simple
+        return dict(noise_grad_sq=sample.grad_sq if sample else None, noise_trace=sample.trace if sample else None,
+                    noise_local_batch=sample.local_batch if sample else None, noise_batch=batch,
+                    noise_b_simple=None if b_simple is None or b_simple == float("inf") else b_simple,
+                    noise_drop_penalty=self.noise.drop_penalty(batch), noise_samples=self.noise.samples)
 
     def _allreduce_sum(self, tensor: torch.Tensor) -> bool:
         step = self.membership.step

@@ -219,6 +219,7 @@ def summarize(run_dir: str | Path) -> dict:
         if e.get("event") == "job_restart":
             first = [r["time"] for r in records if "event" not in r and r["time"] > e["time"]]
             job_restarts.append(min(first) - e["time"] if first else None)
+    noise = [r for r in series if r.get("noise_samples")]  # steps after the noise scale's first sample
     out = {
         "run_dir": str(run_dir),
         "policy": policy_name(config),
@@ -259,6 +260,12 @@ def summarize(run_dir: str | Path) -> dict:
         "fenced": [{"replica": r["replica"], "step": r["step"]} for r in events_of["fenced"]],
         "injections_not_fired": unfired_injections(config["inject"], replicas, run_dir),
         "warnings": warnings,
+        # the gradient noise scale at the end (mecefo.noise): B_simple in sequences, at a global batch of
+        # noise_batch sequences, and the drop penalty it predicts there
+        "noise_b_simple": noise[-1].get("noise_b_simple") if noise else None,
+        "noise_batch": noise[-1]["noise_batch"] if noise else None,
+        "noise_drop_penalty": noise[-1].get("noise_drop_penalty") if noise else None,
+        "noise_samples": noise[-1]["noise_samples"] if noise else 0,
     }
     return out
 
@@ -306,6 +313,10 @@ def format_summary(s: dict) -> str:
          or "-"),
         ("checkpoints (mean save / load)", f"{s['checkpoints']} ({_fmt(s['checkpoint_save_s_mean'], ' s')} / "
                                            f"{_fmt(s['checkpoint_load_s_mean'], ' s')})"),
+        ("noise scale B_simple at the end (drop penalty)",
+         f"{_fmt(s.get('noise_b_simple'))} sequences at a batch of {_fmt(s.get('noise_batch'))} "
+         f"({_fmt(s.get('noise_drop_penalty'))}; {s.get('noise_samples', 0)} steps measured)"
+         if s.get("noise_samples") else "-"),
     ]
     width = max(len(k) for k, _ in rows)
     line = "-" * (width + 24)
@@ -313,7 +324,8 @@ def format_summary(s: dict) -> str:
 
 
 def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """PNG of training loss (and validation points) and throughput per step, failure windows shaded."""
+    """PNG of training loss (and validation points), throughput and the gradient noise scale per step (with
+    the drop penalty it predicts, and auto's), failure windows shaded."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -325,19 +337,37 @@ def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
     records = read_metrics(run_dir)
     series = step_series(records)
     evals = sorted((r for r in records if r.get("event") == "eval"), key=lambda r: r["step"])
-    fig, (ax_loss, ax_tput) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    fig, (ax_loss, ax_tput, ax_noise) = plt.subplots(3, 1, figsize=(9, 8.5), sharex=True)
     steps = [r["step"] for r in series]
     ax_loss.plot(steps, [r["loss"] for r in series], lw=1, label="train loss")
     if evals:
         ax_loss.plot([e["step"] for e in evals], [e["val_loss"] for e in evals], "o", label="validation loss")
     ax_tput.plot(steps, [r["tokens_per_s"] for r in series], lw=1, color="tab:green", label="tokens/s")
+    measured = [r for r in series if r.get("noise_b_simple")]
+    if measured:
+        ax_noise.plot([r["step"] for r in measured], [r["noise_b_simple"] for r in measured], lw=1,
+                      color="tab:purple", label="B_simple (sequences)")
+        ax_noise.axhline(measured[-1]["noise_batch"], color="tab:purple", ls=":", lw=0.8, label="global batch B")
+        ax_noise.set_yscale("log")
+        ax_penalty = ax_noise.twinx()
+        ax_penalty.plot([r["step"] for r in measured], [r["noise_drop_penalty"] for r in measured], lw=1,
+                        color="tab:orange", label="predicted drop penalty")
+        believed = [r for r in series if "auto_drop_penalty" in r]
+        if believed:
+            ax_penalty.plot([r["step"] for r in believed], [r["auto_drop_penalty"] for r in believed], ".",
+                            ms=2, color="tab:red", label="auto's drop penalty")
+        ax_penalty.set_ylim(0, 1)
+        ax_penalty.set_ylabel("drop penalty")
+        ax_penalty.legend(loc="lower right", fontsize=8)
+        ax_noise.legend(loc="upper left", fontsize=8)
+    ax_noise.set_ylabel("noise scale")
     for i, (a, b) in enumerate(failure_spans(series, config["replicas"])):
-        for ax in (ax_loss, ax_tput):
+        for ax in (ax_loss, ax_tput, ax_noise):
             ax.axvspan(a - 0.5, b - 0.5, color="tab:red", alpha=0.15, lw=0,
                        label="replica(s) down" if i == 0 and ax is ax_loss else None)
     ax_loss.set_ylabel("loss")
     ax_tput.set_ylabel("tokens / s")
-    ax_tput.set_xlabel("step")
+    ax_noise.set_xlabel("step")
     ax_loss.legend(loc="upper right")
     model = config.get("model") or config.get("preset") or config.get("model_factory") or "tiny"
     ax_loss.set_title(f"{Path(model).name}  x{config['replicas']} replicas  policy {config['policy']}")

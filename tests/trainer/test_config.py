@@ -27,6 +27,8 @@ def test_json_round_trip(tmp_path):
     (dict(rank=1.5), "rank must be an int >= 1 or a fraction in"),
     (dict(failures="high"), "schedule:low|mid|high|FILE"),
     (dict(timeout_s=0), "timeout_s must be > 0"),
+    (dict(auto_penalties="measured"), "auto_penalties must be one of live, fixed, got 'measured'"),
+    (dict(noise_ema=1.0), r"noise_ema must be in \[0, 1\), got 1.0"),
 ])
 def test_bad_options_are_named(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -75,6 +77,7 @@ def short_text(tmp_path):
     (["--rank", "0"], "argument --rank: must be an int >= 1 or a fraction in (0, 1], got 0"),
     (["--tau", "0"], "argument --tau: must be >= 1, got 0"),
     (["--timeout", "0"], "argument --timeout: must be > 0, got 0.0"),
+    (["--noise-ema", "-0.1"], r"argument --noise-ema: must be in [0, 1), got -0.1"),
     (["--steps", "x"], "argument --steps: invalid int value: 'x'"),
     (["--inject", "kill@x:1"], "--inject 'kill@x:1': expected kill@STEP:REPLICA"),
     (["--inject", "kill@3:7"], r"--inject 'kill@3:7': replica 7 is not in [0, 4)"),

@@ -17,6 +17,7 @@ pytest.importorskip("torchft")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 import fidelity  # noqa: E402
+import fidelity_page  # noqa: E402
 
 from mecefo.checkpoint import list_checkpoints, read_checkpoint  # noqa: E402
 from mecefo.config import TrainConfig  # noqa: E402
@@ -172,7 +173,60 @@ def test_one_part_rerun_keeps_the_other_parts_results(fidelity_run):
 
 
 def test_a_target_is_judged_on_the_whole_two_standard_error_interval():
-    assert fidelity.verdict(1.0, 0.5, 4, 2.2).startswith("**met**")  # [0.5, 1.5]
-    assert fidelity.verdict(5.0, 1.0, 4, 2.2).startswith("**missed**")  # [4.0, 6.0]
-    assert fidelity.verdict(2.0, 1.0, 4, 2.2).startswith("**not resolved**")  # [1.0, 3.0]
-    assert fidelity.verdict(-1.0, 0.0, 1, 0.0).startswith("**not resolved**")  # one seed has no spread
+    assert fidelity_page.verdict(1.0, 0.5, 4, 2.2).startswith("**met**")  # [0.5, 1.5]
+    assert fidelity_page.verdict(5.0, 1.0, 4, 2.2).startswith("**missed**")  # [4.0, 6.0]
+    assert fidelity_page.verdict(2.0, 1.0, 4, 2.2).startswith("**not resolved**")  # [1.0, 3.0]
+    assert fidelity_page.verdict(-1.0, 0.0, 1, 0.0).startswith("**not resolved**")  # one seed has no spread
+
+
+def test_batch_part_measures_and_predicts_the_drop_penalty(tmp_path, corpus_cache):
+    """--parts batch at 1 and 2 sequences per shard, one seed: the measured penalty is shrink's final loss read
+    off the failure-free ladder (linear in log steps); the predicted one is the empirical model's over the
+    shrink run's own per-step B_simple and dropped shares, recomputed here from its records."""
+    schedule = tmp_path / "failures.txt"
+    schedule.write_text("1 3 8\n2 4 7\n")
+    out = dict(docs=tmp_path / "docs" / "fidelity.md", json=tmp_path / "fidelity.json", csv=tmp_path / "results.csv")
+    argv = ["--parts", "batch", "--steps", "10", "--replicas", "3", "--seq-len", "16", "--batch-sizes", "1", "2",
+            "--batch-ladder", "6", "--seeds", "0", "--sweep-schedule", str(schedule), "--work-dir",
+            str(tmp_path / "runs"), "--cache-dir", str(corpus_cache)] + [a for k, v in out.items() for a in (f"--{k}", str(v))]
+    assert fidelity.main(argv) == 0
+    b = json.loads(out["json"].read_text())["batch"]
+    assert b["sizes"] == [1, 2] and b["lengths"] == [6, 10]
+    for m in (1, 2):
+        size = b["runs"][str(m)]
+        seed = size["seeds"]["0"]
+        assert size["batch"] == 3 * m
+        l6, l10 = seed["ladder"]["6"], seed["ladder"]["10"]
+        effective = math.exp(math.log(6) + (seed["val_loss"] - l6) / (l10 - l6) * (math.log(10) - math.log(6)))
+        assert seed["share"] == pytest.approx(16 / 60)  # 2 and 4 of 6 shards' worth dropped at 5 steps
+        assert seed["penalty"] == pytest.approx((1 - effective / 10) / seed["share"])
+        shrink = [r for r in read_metrics(tmp_path / "runs" / f"batch-m{m}" / "seed0" / "failures.txt-shrink")
+                  if "event" not in r and r["replica"] == 0]
+        efficiencies = []
+        for r in shrink:
+            f, bn = r["dropped_sequences"] / (3 * m), r["noise_b_simple"]
+            efficiencies.append(1 - f if bn is None else (1 - f) * (3 * m + bn) / ((1 - f) * 3 * m + bn))
+        mean_f = sum(r["dropped_sequences"] for r in shrink) / (3 * m * len(shrink))
+        assert seed["predicted_penalty"] == pytest.approx((1 - sum(efficiencies) / len(efficiencies)) / mean_f)
+    page = out["docs"].read_text()
+    assert "## Drop penalty against batch size: measured and predicted" in page and "| 1 | 3 |" in page
+    assert "--parts batch" in page and "--batch-sizes 1 2" in page
+    rows = [r for r in csv.DictReader(out["csv"].open()) if r["benchmark"] == "fidelity/batch"]
+    assert {(r["mode"], r["metric"]) for r in rows} >= {("failures.txt,B=3", "drop_penalty"),
+                                                         ("failures.txt,B=6", "predicted_drop_penalty")}
+
+
+def test_help_names_the_model_tokenizer_and_data_options(capsys):
+    """--model (--preset its alias), --tokenizer and --data reach the trainer's fields of the same names; a
+    tokenizer directory that is not there is one line, exit 2, before anything trains."""
+    with pytest.raises(SystemExit) as exit_:
+        fidelity.main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0
+    for option in ("--model PRESET|DIR, --preset PRESET|DIR", "--tokenizer DIR", "--data SRC [SRC ...]",
+                   "--tokenize-rounds"):
+        assert option in out, option
+    with pytest.raises(SystemExit) as exit_:
+        fidelity.main(["--tokenizer", "/nonexistent-tokenizer", "--parts", "quality"])
+    assert exit_.value.code == 2
+    assert "--tokenizer /nonexistent-tokenizer: not a directory" in capsys.readouterr().err

@@ -23,7 +23,7 @@ from mecefo.config import TrainConfig
 from mecefo.failures import injections_dir
 from mecefo.report import main as report_main
 from mecefo.report import final_lineage, read_jsonl, read_metrics
-from trainer_runs import FAST, check_replicas_agree, final_model, relative_difference, run
+from trainer_runs import FAST, check_replicas_agree, final_model, noise_reference, relative_difference, run
 
 pytestmark = pytest.mark.slow
 LIGHTHOUSE_HOST = "127.0.0.5"
@@ -132,13 +132,17 @@ def rank_records(run_dir: Path) -> list[dict]:
             if "event" not in r]
 
 
+NOISE_FIELDS = ("noise_grad_sq", "noise_trace", "noise_b_simple", "noise_samples")
+
+
 def check_ranks_agree_with_groups(run_dir: Path, series: list[dict]) -> None:
-    """Every other rank's state equals its group's rank 0's (and so every group's) at each step it committed."""
-    by_step = {r["step"]: (r["param_hash"], r["optim_hash"]) for r in series}
+    """Every other rank's state equals its group's rank 0's (and so every group's) at each step it committed,
+    and so does the gradient noise scale it would plan with."""
+    by_step = {r["step"]: (r["param_hash"], r["optim_hash"], *(r[k] for k in NOISE_FIELDS)) for r in series}
     ranks = rank_records(run_dir)
     assert ranks, "ranks other than 0 wrote records"
     for r in ranks:
-        assert (r["param_hash"], r["optim_hash"]) == by_step[r["step"]], \
+        assert (r["param_hash"], r["optim_hash"], *(r[k] for k in NOISE_FIELDS)) == by_step[r["step"]], \
             f"group {r['replica']} rank {r['group_rank']} step {r['step']}"
 
 
@@ -217,6 +221,10 @@ def test_two_groups_of_two_ranks_match_four_single_rank_replicas_and_resume_exac
     single_series = check_replicas_agree(single.run_path, steps)
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(series, single_series)) < 1e-12
     assert [r["tokens"] for r in series] == [r["tokens"] for r in single_series] == [4 * 2 * 16] * steps
+    # the noise scale: a group's local gradient is its 2 data shards' (after the intra-group sum), not a rank's
+    expected = noise_reference(run_dir, {g: [(2 * g, 0, 2), (2 * g + 1, 0, 2)] for g in range(2)})
+    assert series[0]["noise_local_batch"] == 4.0
+    assert (series[0]["noise_grad_sq"], series[0]["noise_trace"]) == pytest.approx(expected, rel=1e-6)
 
     uninterrupted = final_model(run_dir)
     checkpoint_path(run_dir / "checkpoints", steps).unlink()  # preempted after the checkpoint of step 6

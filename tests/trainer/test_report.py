@@ -36,6 +36,24 @@ def test_summary_and_plot(tmp_path):
     assert summary["val_loss"] == 2.0
     text = format_summary(summary)
     assert "throughput drop under failure" in text and "75 %" in text
+    assert summary["noise_b_simple"] is None and summary["noise_samples"] == 0  # records without the noise scale
+    assert plot(tmp_path).stat().st_size > 10_000
+
+
+def test_summary_and_plot_of_the_noise_scale(tmp_path):
+    """The summary's noise scale is the last measured step's; the plot gets its panel (and auto's beliefs)."""
+    TrainConfig(run_dir=str(tmp_path), replicas=2, steps=4).save(tmp_path / "config.json")
+    writer = MetricsWriter(metrics_path(tmp_path, 0))
+    for step in range(4):
+        b_simple = [None, 2.0, 4.0, 8.0][step]
+        writer.write(**record(step, 0, [0, 1]), noise_b_simple=b_simple, noise_batch=8, noise_samples=step,
+                     noise_drop_penalty=None if b_simple is None else b_simple / (8 + b_simple),
+                     auto_drop_penalty=0.48 if step < 2 else b_simple / (8 + b_simple))
+    writer.close()
+    summary = summarize(tmp_path)
+    assert (summary["noise_b_simple"], summary["noise_batch"], summary["noise_samples"]) == (8.0, 8, 3)
+    assert summary["noise_drop_penalty"] == 0.5
+    assert "8 sequences at a batch of 8 (0.5; 3 steps measured)" in format_summary(summary)
     assert plot(tmp_path).stat().st_size > 10_000
 
 

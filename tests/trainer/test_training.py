@@ -195,17 +195,20 @@ def json_records(directory: Path) -> list[dict]:
             if p.is_file() and p.name.startswith(("kill-", "hang-"))]
 
 
-@pytest.mark.parametrize("policy", ["ndb-exact", "spread-orphan"])
+@pytest.mark.parametrize("policy", ["ndb-exact", "spread-orphan", "auto"])
 def test_resume_is_identical_and_a_corrupt_checkpoint_falls_back(tmp_path, corpus_cache, policy):
     """spread-orphan: replica 1 sits out steps 5-24 and tau is 7, so the checkpoint resumed from (step 10) is
-    mid-episode with bases computed at step 7: they come back from the checkpoint, not recomputed."""
+    mid-episode with bases computed at step 7: they come back from the checkpoint, not recomputed. auto (live
+    penalties): the noise scale's averages come back from the checkpoint, so the resumed replicas believe
+    and plan what the uninterrupted ones did."""
     schedule = tmp_path / "failures.txt"
     schedule.write_text("1 5 25\n")
-    same = dict(policy=policy, replicas=2, steps=30, checkpoint_every=10, micro_batch=2, tau=7,
+    same = dict(policy=policy, replicas=2, steps=30, checkpoint_every=10, micro_batch=2, tau=7, noise_ema=0.5,
                 failures=f"schedule:{schedule}")
     whole = make_config(tmp_path / "whole", corpus_cache, **same)
     run(whole)
-    uninterrupted = {r["step"]: r["param_hash"] for r in check_replicas_agree(whole.run_path, 30)}
+    whole_series = check_replicas_agree(whole.run_path, 30)
+    uninterrupted = {r["step"]: r["param_hash"] for r in whole_series}
 
     # a run that was interrupted after step 25: checkpoints 10 and 20 exist, and 20 is truncated
     resumed = make_config(tmp_path / "resumed", corpus_cache, resume=True, **same)
@@ -223,6 +226,10 @@ def test_resume_is_identical_and_a_corrupt_checkpoint_falls_back(tmp_path, corpu
     assert next(r for r in records if r.get("event") == "resumed")["step"] == 10
     series = check_replicas_agree_from(resumed.run_path, 10, 30)
     assert {r["step"]: r["param_hash"] for r in series} == {s: h for s, h in uninterrupted.items() if s >= 10}
+    beliefs = ("plan", "noise_b_simple", "noise_samples") + (("auto_drop_penalty", "auto_penalties")
+                                                             if policy == "auto" else ())
+    assert ([[r[k] for k in beliefs] for r in series]
+            == [[r[k] for k in beliefs] for r in whole_series if r["step"] >= 10])
     assert result.summary["checkpoint_load_s_mean"] > 0
 
 
@@ -318,3 +325,31 @@ def test_mecefo_neighbour_mode_only_while_covering_a_dead_replica(tmp_path, corp
     assert [r["param_hash"] for r in series[:6]] == [r["param_hash"] for r in exact_series[:6]]
     assert series[6]["param_hash"] != exact_series[6]["param_hash"]
     assert series[-1]["loss"] == pytest.approx(exact_series[-1]["loss"], rel=0.05)
+
+
+def test_auto_with_live_penalties_plans_the_same_on_a_healed_replica(tmp_path, corpus_cache):
+    """auto decides from the noise scale every replica holds: replica 2 is SIGKILLed at step 5 and heals from
+    the others (the noise scale's averages come with the state); from then on, through replica 1 sitting
+    out at steps 80-99, every replica believes the same drop penalty, makes the same plan and holds the
+    same estimate, bit for bit. What auto believed at a step is the estimate after the step before."""
+    schedule = tmp_path / "failures.txt"
+    schedule.write_text("1 80 100\n")
+    cfg = make_config(tmp_path / "auto", corpus_cache, policy="auto", steps=110, inject=["kill@5:2"], noise_ema=0.5,
+                      failures=f"schedule:{schedule}")
+    run(cfg)
+    check_replicas_agree(cfg.run_path, cfg.steps)
+    records = read_metrics(cfg.run_path)
+    healed = [r["step"] for r in records if r.get("event") == "healed" and r["replica"] == 2]
+    assert healed and healed[0] < 80, "replica 2 healed before the scheduled failure"
+    fields = ("auto_drop_penalty", "auto_penalty", "auto_penalties", "plan", "plan_policy", "noise_b_simple",
+              "noise_grad_sq", "noise_trace", "noise_samples")
+    for step, rs in committed_steps(records).items():
+        assert len({tuple(r[k] for k in fields) for r in rs}) == 1, f"step {step}: replicas disagree"
+        if step >= healed[0]:
+            assert 2 in {r["replica"] for r in rs}
+    series = step_series(records)
+    for before, r in zip(series, series[1:]):
+        assert r["auto_penalties"] == "live" and r["auto_drop_penalty"] == before["noise_drop_penalty"]
+    assert series[0]["auto_penalties"] == "fixed: noise scale not ready" and series[0]["auto_drop_penalty"] == 0.48
+    failing = [r for r in series if 80 <= r["step"] < 100]
+    assert len(failing) == 20 and all("auto chose" in r["plan"] for r in failing)

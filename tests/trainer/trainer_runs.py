@@ -120,3 +120,30 @@ def check_replicas_agree(run_dir: Path, steps: int) -> list[dict]:
         states = {(r["param_hash"], r["optim_hash"], r["lr"]) for r in rs}
         assert len(states) == 1, f"step {step}: replicas disagree: {[(r['replica'], r['param_hash']) for r in rs]}"
     return step_series(records)
+
+
+def noise_reference(run_dir: Path, sequences: dict[int, list[tuple[int, int, int]]]) -> tuple[float, float]:
+    """The noise scale's step-0 estimates (|G|^2, tr(Sigma)) from one float64 process, independent of the
+    trainer's gradient sums: ``sequences`` maps each replica (group) to the (data shard, start, stop)
+    ranges it ran; its local gradient is that of the mean loss over those sequences, the global one the
+    mean over all of them (sequences have equal token counts), at the seeded initial weights."""
+    run_dir = Path(run_dir)
+    cfg = TrainConfig.load(run_dir / "config.json")
+    corpus = CorpusFiles(**json.loads((run_dir / "corpus.json").read_text()))
+    model = build_model(cfg).double()
+    batches = Batches(corpus, seq_len=cfg.seq_len, micro_batch=cfg.micro_batch, seed=cfg.seed,
+                      vocab_size=model.config.vocab_size)
+
+    def mean_gradient_sq(ranges) -> float:
+        xs, ys = zip(*(batches.batch(0, shard, a, b) for shard, a, b in ranges))
+        model.zero_grad(set_to_none=True)
+        shard_loss(model, torch.cat(xs), torch.cat(ys)).backward()
+        return sum(float(p.grad.double().square().sum()) for p in model.parameters() if p.grad is not None)
+
+    ran = {r: ranges for r, ranges in sequences.items() if ranges}
+    counts = {r: sum(b - a for _, a, b in ranges) for r, ranges in ran.items()}
+    big = sum(counts.values())
+    small = big / len(ran)
+    small_sq = sum(counts[r] / big * mean_gradient_sq(ranges) for r, ranges in ran.items())
+    big_sq = mean_gradient_sq([x for ranges in ran.values() for x in ranges])
+    return (big * big_sq - small * small_sq) / (big - small), (small_sq - big_sq) / (1 / small - 1 / big)
