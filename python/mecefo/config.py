@@ -18,6 +18,7 @@ from .presets import PRESETS, get_preset
 
 DTYPES = ("float32", "float64", "bfloat16")
 DEVICES = ("cpu", "cuda")
+SHARDS = ("none", "fsdp")  # how a replica group holds the model (mecefo.sharding)
 HASH_STATE_MAX_PARAMS = 50_000_000
 
 
@@ -46,6 +47,8 @@ class TrainConfig:
     micro_batch: int = 4  # sequences per shard per step; global batch = replicas * micro_batch
     # job
     replicas: int = 4
+    group_size: int = 1  # ranks per replica group (mecefo-train starts G processes per replica)
+    shard: str = "none"  # none: every rank holds the whole model (DDP-style); fsdp: FSDP2 inside each group
     steps: int = 200
     policy: str = "mecefo"  # a preset (mecefo.policy.PRESETS); takeover / approximate override its fields
     takeover: str | None = None  # neighbour | spread | drop | auto (None: the preset's)
@@ -112,7 +115,9 @@ class TrainConfig:
             raise ConfigError("device", f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ConfigError("dtype", f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        at_least = dict(replicas=1, steps=1, seq_len=1, micro_batch=1, threads=1, keep_checkpoints=1, min_replicas=1,
+        if self.shard not in SHARDS:
+            raise ConfigError("shard", f"shard must be one of {', '.join(SHARDS)}, got {self.shard!r}")
+        at_least = dict(replicas=1, group_size=1, steps=1, seq_len=1, micro_batch=1, threads=1, keep_checkpoints=1, min_replicas=1,
                         eval_batches=1, warmup=0, checkpoint_every=0, eval_every=0, max_restarts=0)
         for name, low in at_least.items():
             if getattr(self, name) < low:
@@ -205,6 +210,13 @@ def add_train_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig) 
     g = parser.add_argument_group("job")
     g.add_argument("--run-dir", default=d.run_dir, help="where metrics, checkpoints, logs, plot go")
     g.add_argument("--replicas", type=int, default=d.replicas, help="data-parallel replicas = shards per global batch")
+    g.add_argument("--group-size", type=int, default=d.group_size,
+                   help="ranks per replica group: mecefo-train starts G processes per replica, each a rank of "
+                        "the group (default %(default)s; mecefo-group takes it from torchrun / srun)")
+    g.add_argument("--shard", default=d.shard, choices=SHARDS,
+                   help="how a group holds the model: none (every rank the whole model and optimizer state, "
+                        "gradients summed DDP-style) or fsdp (FSDP2 inside the group: each rank 1/G of them; "
+                        "default %(default)s)")
     g.add_argument("--steps", type=int, default=d.steps)
     g.add_argument("--policy", default=d.policy, choices=POLICIES,
                    help="what happens to a dead replica's shard (README, 'Policies'): mecefo (its neighbour runs "

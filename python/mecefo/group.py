@@ -40,7 +40,7 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .command import EXIT_USAGE, OneLineErrors
@@ -116,7 +116,8 @@ def wait_reachable(address: str, what: str, option: str, timeout_s: float) -> No
 
 def job_identity(cfg: TrainConfig, corpus_fingerprint: str, ranks_per_group: int) -> dict:
     """What every group of one job must agree on (:data:`LOCAL_FIELDS` excluded)."""
-    identity = {k: v for k, v in asdict(cfg).items() if k not in LOCAL_FIELDS}
+    # group_size is ranks_per_group (WORLD_SIZE), named by its torchrun / srun option in a refusal
+    identity = {k: v for k, v in asdict(cfg).items() if k not in LOCAL_FIELDS and k != "group_size"}
     identity.update(corpus=corpus_fingerprint, ranks_per_group=ranks_per_group)
     return json.loads(json.dumps(identity))  # tuples as lists: equal to what comes back from the store
 
@@ -276,6 +277,10 @@ def main(argv: list[str] | None = None) -> int:
         place = rank_place()
     except ValueError as e:
         parser.error(str(e))
+    if any(a == "--group-size" or a.startswith("--group-size=") for a in argv) and cfg.group_size != place.world_size:
+        parser.error(f"argument --group-size: {cfg.group_size}, but this group has {place.world_size} ranks "
+                     "(WORLD_SIZE / SLURM_NTASKS): a group's size is its number of processes")
+    cfg = replace(cfg, group_size=place.world_size)
     advertise = args.advertise or place.master_addr
     if _is_loopback(advertise):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")

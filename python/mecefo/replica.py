@@ -47,16 +47,18 @@ from .failures import Injector, load_schedule, parse_injection
 from .costs import WorkCosts, neighbour_flop_ratio
 from .fencing import FENCED_EXIT_CODE, ROOT_LINEAGE, CommitLedger, Fenced, next_lineage
 from .membership import plan_step
-from .model import build_model, evaluate, optimizer_hash, parameter_hash, replica_device, run_work
+from .model import build_model, evaluate, optimizer_hash, parameter_hash, replica_device
 from .neighbor import neighbor_path, refresh_due
 from .presets import get_preset
 from .optim import build_optimizer, lr_at, set_lr
 from .quorum import LOOPBACK, Membership, connect_store
-from .ranks import GroupBatches, IntraGroup, rank_items
+from .ranks import GroupBatches, GroupFailed, IntraGroup, rank_items
 from .report import METRICS_DIR, MetricsWriter, metrics_path
+from .sharding import model_holding, state_bytes
 from .sync import GradientSync
 
 RESTART_EXIT_CODE = 75  # policy restart: this replica asks the supervisor to restart the whole job
+GROUP_FAILED_EXIT_CODE = 1  # a rank of this replica group is gone: the group is restarted as a whole
 CHECKPOINT_DIR = "checkpoints"
 CORPUS_FILE = "corpus.json"
 RESTART_REQUEST_FILE = "restart_request.json"
@@ -110,7 +112,9 @@ class Replica:
         self.policy = cfg.resolved_policy
         self.path = neighbor_path(self.policy, rank=cfg.rank, tau=cfg.tau, basis=cfg.basis)
         self.costs = work_costs(cfg)
-        self.model = self.path.prepare(build_model(cfg, self.device))
+        # how this group holds the model: whole on every rank, or FSDP2 shards (mecefo.sharding)
+        self.holding = model_holding(cfg.shard, ranks, ranks.store, self.device, cfg.dtype, cfg.timeout_s)
+        self.model = self.holding.wrap(self.path.prepare(build_model(cfg, self.device)))
         self.model.train()
         n_params = sum(p.numel() for p in self.model.parameters())
         self.hash_state = cfg.hash_state if cfg.hash_state is not None else n_params < HASH_STATE_MAX_PARAMS
@@ -129,6 +133,7 @@ class Replica:
         self.generation = generation
         self.lineage = ROOT_LINEAGE  # of the training state: extended by every commit (mecefo.fencing)
         self.dropped = 0  # sequences dropped at the last committed step (warn on change)
+        self.state_bytes_logged = False  # bytes this rank holds, recorded once its optimizer state exists
 
         self.membership = Membership(
             replica=replica, lighthouse=lighthouse, state_dict=self.state_dict,
@@ -150,19 +155,26 @@ class Replica:
     def state_dict(self) -> dict:
         step = self.membership.step
         has_bases = self.bases_step is not None
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        return {**self.holding.transfer_state(self.model, self.optimizer),
                 "bases": self.path.bases_state(self.model) if has_bases else {},
                 "trainer": {"step": step, "data_position": step, "lr": lr_at(step, self.cfg),
                             "corpus": self.corpus.fingerprint, "bases_step": self.bases_step if has_bases else -1,
                             "episode_open": self.episode_open, "lineage": self.lineage}}
 
     def load_state_dict(self, state: dict) -> None:
+        self._check_corpus(state)
+        self.holding.load_transfer_state(self.model, self.optimizer, state)
+        self._load_trainer_state(state)
+
+    def _check_corpus(self, state: dict) -> None:
         trainer = state["trainer"]
         if trainer["corpus"] != self.corpus.fingerprint:
             raise RuntimeError(f"replica {self.replica}: received state trained on corpus {trainer['corpus'][:12]}, "
                                f"but this replica has corpus {self.corpus.fingerprint[:12]}")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+
+    def _load_trainer_state(self, state: dict) -> None:
+        """What a state holds besides the model and optimizer: lineage, bases, the failure episode."""
+        trainer = state["trainer"]
         self.lineage = trainer.get("lineage", ROOT_LINEAGE)
         bases, bases_step = state.get("bases") or {}, trainer.get("bases_step", -1)
         if bases and bases_step >= 0:
@@ -175,12 +187,13 @@ class Replica:
 
     def _resume(self) -> None:
         t0 = time.perf_counter()
-        found = ckpt.load_latest(self.run_dir / CHECKPOINT_DIR, warn=self._warn)
+        found = self.holding.load_latest(self.run_dir / CHECKPOINT_DIR, self.model, self.optimizer, warn=self._warn)
         if found is None:
             self._warn("no valid checkpoint to resume from: starting from step 0")
             return
-        state, path = found
-        self.load_state_dict(state)
+        state, path = found  # the model and optimizer are loaded: the rest of the state
+        self._check_corpus(state)
+        self._load_trainer_state(state)
         self.membership.load_manager_state(state["manager"])
         self.healed = False
         self.metrics.write(event="resumed", replica=self.replica, step=self.membership.step, path=str(path),
@@ -254,12 +267,17 @@ class Replica:
             if self.ranks.world_size > 1:
                 record["group_rank"] = self.ranks.rank
             self.metrics.write(**record)
+            if not self.state_bytes_logged:  # AdamW's state exists from the first update on
+                self.state_bytes_logged = True
+                self.metrics.write(event="state_bytes", replica=self.replica, rank=self.ranks.rank,
+                                   generation=self.generation, shard=self.holding.name,
+                                   group_size=self.ranks.world_size, **state_bytes(self.model, self.optimizer))
             attempts = 0
             if record["dropped_sequences"] and record["dropped_sequences"] != self.dropped:
                 self._warn(f"step {step}: sequences dropped, too few replicas to take them over ({record['plan']})")
             self.dropped = record["dropped_sequences"]
             self._after_commit(self.membership.step, min(record["members"]))
-        if self.replica == min(self.membership.members or (self.replica,)) and self.ranks.rank == 0:
+        if self.replica == min(self.membership.members or (self.replica,)) and self._writes():
             self._evaluate(self.cfg.steps)
         return 0
 
@@ -280,7 +298,7 @@ class Replica:
         plan = plan_step(cfg.replicas, [r for r in members if r not in failed], self.policy,
                          sequences=self.batches.micro_batch, costs=self.costs, max_load=cfg.max_load,
                          penalty=cfg.auto_penalty, drop_penalty=cfg.auto_drop_penalty)
-        items = plan.items_of(self.replica)
+        group_items = items = plan.items_of(self.replica)
         if self.ranks.world_size > 1:
             items = rank_items(items, self.ranks.rank, self.ranks.world_size)
         needs_bases = plan.runs_neighbour_mode()
@@ -292,7 +310,7 @@ class Replica:
 
         t0 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum, shards = run_work(self.model, self.path, self.batches, step, items, self.device)
+        loss_sum, shards = self.holding.run_work(self.model, self.path, self.batches, step, group_items, self.device)
         compute_s = time.perf_counter() - t0
 
         t1 = time.perf_counter()
@@ -301,7 +319,7 @@ class Replica:
         if self.ranks.world_size > 1:
             # the group's sums first, on every rank whatever happens across groups next (the ranks'
             # intra-group collectives must match); then every rank sums its group's with the other groups'
-            self.sync.reduce(self.ranks.allreduce_sum, contributes=contributes)
+            self.holding.reduce_in_group(self.sync, contributes)
             self.ranks.allreduce_sum(stats)
             contributes = True
         ok = self.sync.reduce(self._allreduce_sum, contributes=contributes)
@@ -309,7 +327,7 @@ class Replica:
         if ok:
             self.sync.normalise(plan.normalisers())
             if cfg.clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip, foreach=False)
+                self.holding.clip_grad_norm_(self.model, cfg.clip)
         else:
             self.membership.abort()
         lr = lr_at(step, cfg)
@@ -358,27 +376,38 @@ class Replica:
             return True
         return False
 
+    def _writes(self) -> bool:
+        """Whether this rank takes part in its group's checkpoints and evaluations (rank 0, or every rank of a
+        sharded group)."""
+        return self.ranks.rank == 0 or self.holding.collective_io
+
     def _after_commit(self, done: int, writer: int) -> None:
-        """The writer (rank 0 of the lowest member of the step's quorum) checkpoints and evaluates."""
+        """The writer (rank 0 of the lowest member of the step's quorum; every rank of it when sharded)
+        checkpoints and evaluates."""
         cfg = self.cfg
-        if self.replica != writer or self.ranks.rank != 0:
+        if self.replica != writer or not self._writes():
             return
         if done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
             state = self.state_dict()
-            state["manager"] = self.membership.manager_state()
+            extra = {k: v for k, v in state.items() if k not in ("model", "optimizer")}
+            extra["manager"] = self.membership.manager_state()
             try:
-                saved = ckpt.save_checkpoint(self.run_dir / CHECKPOINT_DIR, done, state, lineage=self.lineage)
+                saved = self.holding.save_checkpoint(self.run_dir / CHECKPOINT_DIR, done, self.model, self.optimizer,
+                                                     extra, lineage=self.lineage)
             except ckpt.StaleCheckpointError as e:
                 raise Fenced(done, str(e)) from None
-            ckpt.prune_checkpoints(self.run_dir / CHECKPOINT_DIR, cfg.keep_checkpoints)
-            self.metrics.write(event="checkpoint", replica=self.replica, step=done, path=str(saved.path),
-                               bytes=saved.nbytes, seconds=saved.seconds)
+            self.holding.prune_checkpoints(self.run_dir / CHECKPOINT_DIR, cfg.keep_checkpoints)
+            if self.ranks.rank == 0:
+                self.metrics.write(event="checkpoint", replica=self.replica, step=done, path=str(saved.path),
+                                   bytes=saved.nbytes, seconds=saved.seconds)
         if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
             self._evaluate(done)
 
     def _evaluate(self, done: int) -> None:
         t0 = time.perf_counter()
         val = evaluate(self.model, self.batches, self.cfg.eval_batches)
+        if self.ranks.rank != 0:
+            return
         self.metrics.write(event="eval", replica=self.replica, step=done, val_loss=val,
                            val_ppl=float(torch.tensor(val).exp()), seconds=time.perf_counter() - t0)
 
@@ -415,20 +444,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--restart-consumed", type=int, default=-1,
                         help="policy restart: scheduled failures up to this step already caused a restart")
     parser.add_argument("--supervisor-pid", type=int, help="exit when this process (the launcher) dies")
+    parser.add_argument("--group-store", metavar="HOST:PORT",
+                        help="a replica group of --group-size ranks: the group's store (hosted by the launcher)")
+    parser.add_argument("--group-rank", type=int, default=0, help="this process's rank in its replica group")
     args = parser.parse_args(argv)
     if args.supervisor_pid:
         die_with(args.supervisor_pid)
     cfg = TrainConfig.load(Path(args.run_dir) / "config.json")
-    replica = Replica(cfg, args.replica, lighthouse=args.lighthouse, barrier=args.barrier,
-                      generation=args.generation, rejoin=args.rejoin, resume=args.resume,
-                      restart_consumed=args.restart_consumed)
+    replica = None
     try:
+        ranks, device_index = None, None
+        if args.group_store:  # one rank of a group of cfg.group_size ranks (mecefo.ranks)
+            from torch.distributed import PrefixStore
+
+            store = connect_store(args.group_store, cfg.quorum_timeout_s)
+            ranks = IntraGroup.connect(PrefixStore("mecefo/intra", store), args.group_rank, cfg.group_size,
+                                       cfg.timeout_s)
+            device_index = args.replica * cfg.group_size + args.group_rank
+        replica = Replica(cfg, args.replica, lighthouse=args.lighthouse, barrier=args.barrier,
+                          generation=args.generation, rejoin=args.rejoin, resume=args.resume,
+                          restart_consumed=args.restart_consumed, ranks=ranks, group_store=args.group_store,
+                          device_index=device_index)
         return replica.run()
     except Fenced as e:
         replica.report_fenced(e)
         return FENCED_EXIT_CODE
+    except GroupFailed as e:
+        print(f"replica {args.replica}: {e}", file=sys.stderr, flush=True)
+        return GROUP_FAILED_EXIT_CODE
     finally:
-        replica.shutdown()
+        if replica is not None:
+            replica.shutdown()
 
 
 if __name__ == "__main__":
