@@ -196,7 +196,8 @@ def add_train_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig) 
     g.add_argument("--preset", default=d.preset, choices=sorted(PRESETS), help="model shape (default %(default)s)")
     g.add_argument("--dtype", default=d.dtype, choices=DTYPES)
     g.add_argument("--device", default=d.device, choices=DEVICES,
-                   help="cuda: replica i uses GPU i mod the GPU count (gradients still go through gloo)")
+                   help="cuda: every rank on its own GPU (mecefo-train: (replica x group size + rank) mod the GPU "
+                        "count; mecefo-group: LOCAL_RANK), collectives over NCCL (mecefo.backends)")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--data", nargs="+", default=d.data, metavar="SRC",
                    help="'stdlib' (the Python standard library's sources, byte-level; no download), "

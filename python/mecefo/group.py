@@ -305,7 +305,8 @@ def _run_group(parser, cfg: TrainConfig, args, place: RankPlace, *, lighthouse: 
     from .fencing import FENCED_EXIT_CODE, Fenced
     from .quorum import BoundStore, connect_store
     from .ranks import GroupFailed, IntraGroup
-    from .replica import Replica, die_with
+    from .replica import CHECKPOINT_DIR, Replica, die_with
+    from .sharded_checkpoint import check_resume_format
 
     if place.under_torchrun:  # a rank outliving its torchrun agent would hold the group index for nobody
         die_with(os.getppid())
@@ -330,6 +331,8 @@ def _run_group(parser, cfg: TrainConfig, args, place: RankPlace, *, lighthouse: 
             corpus = prepare_corpus(cfg.data, cache_dir=cfg.cache_dir, val_percent=cfg.val_percent,
                                     data_dtype=cfg.data_dtype)
             check_length(corpus, cfg.seq_len)
+            if cfg.resume:
+                check_resume_format(cfg.run_path / CHECKPOINT_DIR, cfg.shard)
             check_same_job(connect_store(job_store, timeout_s), job_identity(cfg, corpus.fingerprint, place.world_size),
                            args.group)
             lease = GroupLease(job_store, args.group, f"{socket.gethostname()} pid {os.getpid()} at {advertise}",

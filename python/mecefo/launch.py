@@ -49,6 +49,7 @@ from .data import check_length, prepare_corpus
 from .failures import injections_dir, load_schedule, parse_injection
 from .fencing import FENCED_EXIT_CODE
 from .report import EVENTS_FILE, METRICS_DIR, MetricsWriter, read_jsonl, write_report
+from .sharded_checkpoint import check_resume_format
 from .replica import CHECKPOINT_DIR, CORPUS_FILE, RESTART_EXIT_CODE, RESTART_REQUEST_FILE
 
 POLL_S = 0.05
@@ -478,6 +479,8 @@ def prepare_run_dir(cfg: TrainConfig) -> None:
                                     "continue)")
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError("run_dir", f"{run_dir} exists and is not a directory")
+    if cfg.resume:
+        check_resume_format(run_dir / CHECKPOINT_DIR, cfg.shard)
     if (run_dir / METRICS_DIR).is_dir() and not cfg.resume:
         raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another "
                               "--run-dir")

@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
+from .backends import local_backends
 from .config import HASH_STATE_MAX_PARAMS, TrainConfig
 from .data import Batches, CorpusFiles
 from .failures import Injector, load_schedule, parse_injection
@@ -109,11 +110,14 @@ class Replica:
                                  replica, self.run_dir)
 
         self.device = replica_device(cfg, replica if device_index is None else device_index)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # NCCL communicators bind the current device
+        self.backends = local_backends(self.device.type)  # gloo on CPU, NCCL with CUDA (mecefo.backends)
         self.policy = cfg.resolved_policy
         self.path = neighbor_path(self.policy, rank=cfg.rank, tau=cfg.tau, basis=cfg.basis)
         self.costs = work_costs(cfg)
         # how this group holds the model: whole on every rank, or FSDP2 shards (mecefo.sharding)
-        self.holding = model_holding(cfg.shard, ranks, ranks.store, self.device, cfg.dtype, cfg.timeout_s)
+        self.holding = model_holding(cfg.shard, ranks, self.device, cfg.dtype, cfg.timeout_s)
         self.model = self.holding.wrap(self.path.prepare(build_model(cfg, self.device)))
         self.model.train()
         n_params = sum(p.numel() for p in self.model.parameters())
@@ -142,7 +146,8 @@ class Replica:
             on_quorum=(lambda: self.injector.fire("quorum", self.membership.step)) if self._has("quorum") else None,
             on_send=self._on_send if self._has("send") else None,
             ledger=CommitLedger(connect_store(barrier, cfg.quorum_timeout_s), generation) if barrier else None,
-            group_store=group_store, group_rank=ranks.rank, group_world_size=ranks.world_size, advertise=advertise)
+            group_store=group_store, group_rank=ranks.rank, group_world_size=ranks.world_size, advertise=advertise,
+            backends=self.backends)
         if resume:
             self._resume()
         self.metrics.write(event="start", replica=replica, pid=os.getpid(), generation=generation, rejoin=rejoin,
@@ -305,7 +310,7 @@ class Replica:
         refreshed = False
         if refresh_due(step, needed=needs_bases, episode_open=self.episode_open, bases_step=self.bases_step,
                        tau=self.path.tau):
-            refreshed = self.path.refresh(self.model, self.optimizer)
+            refreshed = self.path.refresh(self.model, self.optimizer, basis_fn=self.holding.basis_function())
             self.bases_step = step
 
         t0 = time.perf_counter()
@@ -315,7 +320,7 @@ class Replica:
 
         t1 = time.perf_counter()
         contributes = bool(items)
-        stats = torch.tensor([loss_sum, shards], dtype=torch.float64)  # summed: global loss
+        stats = torch.tensor([loss_sum, shards], dtype=torch.float64, device=self.backends.device)  # summed: global loss
         if self.ranks.world_size > 1:
             # the group's sums first, on every rank whatever happens across groups next (the ranks'
             # intra-group collectives must match); then every rank sums its group's with the other groups'

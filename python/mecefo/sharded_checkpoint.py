@@ -315,3 +315,18 @@ def prune_sharded(directory: str | Path, keep: int) -> None:
         for tmp in Path(directory).glob(".step_*.dcp.tmp-*"):
             if int(tmp.name[6:14]) < newest:
                 shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_resume_format(directory: str | Path, shard: str) -> None:
+    """Refuse (ConfigError naming ``shard``) a ``--resume`` whose checkpoint directory holds only checkpoints of
+    the other ``--shard``: whole-state files (``none``) cannot feed a sharded group's load, nor the reverse."""
+    from .checkpoint import list_checkpoints
+    from .config import ConfigError
+
+    files, dirs = list_checkpoints(directory), list_sharded(directory)
+    if shard == "fsdp" and files and not dirs:
+        raise ConfigError("shard", f"{directory} holds whole-state checkpoints ({files[0][1].name}: written with "
+                                   "--shard none); resume it with --shard none")
+    if shard != "fsdp" and dirs and not files:
+        raise ConfigError("shard", f"{directory} holds sharded checkpoints ({dirs[0][1].name}: written with "
+                                   "--shard fsdp); resume it with --shard fsdp")

@@ -6,8 +6,9 @@ gradients with rank ``r`` of the others through torchft (:mod:`mecefo.sync`), di
 normalisers. Inside the group the two holdings differ:
 
 :class:`Replicated` (``none``, today's groups): every rank holds the whole model and AdamW state;
-gradients are SUM-all-reduced over the group's gloo group (DDP-style); checkpoints are one file
-written by the group's rank 0 (:mod:`mecefo.checkpoint`); a healing rank receives the whole state.
+gradients are SUM-all-reduced over the group (DDP-style; gloo, or NCCL for CUDA tensors:
+:mod:`mecefo.backends`); checkpoints are one file written by the group's rank 0
+(:mod:`mecefo.checkpoint`); a healing rank receives the whole state.
 
 :class:`FullyShardedGroup` (``fsdp``, HSDP with torchft across groups): every decoder layer and the
 root get FSDP2's ``fully_shard`` over a 1-D DeviceMesh of the group's ranks. The mesh's process
@@ -51,6 +52,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .backends import local_backends
 from .membership import WorkItem
 from .model import run_work, shard_loss
 from .ranks import GroupFailed, IntraGroup, rank_items
@@ -77,6 +79,17 @@ def shard_rows(rows: int, group_size: int, rank: int) -> tuple[int, int]:
     return start, min(chunk, rows - start)
 
 
+def preset_shapes(preset: str) -> list[tuple[int, ...]]:
+    """The parameter shapes of a preset's LlamaForCausalLM (built on the meta device: no memory)."""
+    from transformers import LlamaForCausalLM
+
+    from .presets import get_preset
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(get_preset(preset).to_llama_config())
+    return [tuple(p.shape) for p in model.parameters()]
+
+
 def planned_state_bytes(shapes: list[tuple[int, ...]], group_size: int, param_bytes: int) -> dict[str, int]:
     """What rank 0 (the largest shard) holds of parameters of ``shapes`` under FSDP2 over ``group_size``
     ranks with AdamW: ``param_bytes`` per element of the (master) parameters, twice that for the
@@ -96,8 +109,22 @@ class Replicated:
     name = "none"
     collective_io = False  # checkpoints and evaluation: the group's rank 0 alone
 
-    def __init__(self, ranks: IntraGroup):
+    def __init__(self, ranks: IntraGroup, device: torch.device | None = None, timeout_s: float = 60.0):
         self.ranks = ranks
+        self._group_sum = ranks.allreduce_sum
+        if device is not None and device.type == "cuda" and ranks.world_size > 1:  # NCCL for the gradients
+            _init_group(ranks, device, timeout_s)
+            self._group_sum = self._nccl_sum
+
+    def _nccl_sum(self, tensor: torch.Tensor) -> bool:
+        try:
+            dist.all_reduce(tensor)
+        except RuntimeError as e:
+            if not collective_failure(e):
+                raise
+            raise GroupFailed(f"rank {self.ranks.rank}: a rank of this group is gone ({str(e).splitlines()[0][:200]}); "
+                              "the group stops and is restarted as a whole") from None
+        return True
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
@@ -110,7 +137,7 @@ class Replicated:
     def reduce_in_group(self, sync, contributes: bool) -> None:
         """Sum the gradients over the group's ranks (every rank takes part, with zeros if it ran nothing)."""
         if self.ranks.world_size > 1:
-            sync.reduce(self.ranks.allreduce_sum, contributes=contributes)
+            sync.reduce(self._group_sum, contributes=contributes)
 
     def clip_grad_norm_(self, model: torch.nn.Module, max_norm: float) -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=False)
@@ -148,6 +175,18 @@ class Replicated:
         """How the low-rank bases are computed from a weight: None, mecefo_kernels' own (whole weights)."""
         return None
 
+    def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The whole model's state_dict (for an export); every rank of the group calls it."""
+        return model.state_dict()
+
+
+def collective_failure(e: BaseException) -> bool:
+    """Whether ``e`` says a collective failed because a peer is gone or silent (gloo raises plain RuntimeErrors:
+    "[.../gloo/transport/tcp/pair.cc:553] Connection closed by peer ...", timeouts; NCCL DistBackendErrors)."""
+    text = str(e)
+    return isinstance(e, dist.DistError) or any(m in text for m in ("/gloo/", "Connection closed", "Connection reset",
+                                                                      "Timed out", "timed out"))
+
 
 def mixed_precision(dtype: str):
     """FSDP2's mixed-precision policy for ``--dtype``: None (compute in the parameters' dtype) for float32 and
@@ -169,33 +208,21 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return list(layers)
 
 
-def intra_group_backend(device_type: str) -> str:
-    """The torch.distributed backend inside a group: gloo on CPU, NCCL for CUDA tensors (gloo still serves
-    the few CPU-side collectives, e.g. the checkpoint's coordination)."""
-    return "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
-
-
 class FullyShardedGroup(Replicated):
     """``--shard fsdp``: FSDP2 inside the group (module docstring).
 
-    ``store``: the group's store (None for a group of one rank); the group's default process group is
-    built on it under the prefix :data:`FSDP_STORE_PREFIX`.
+    The group's default process group is built on the group's store (``ranks.store``) under the prefix
+    :data:`FSDP_STORE_PREFIX`.
     """
 
     name = "fsdp"
     collective_io = True  # every rank of the writing group saves its shards and takes part in evaluation
 
-    def __init__(self, ranks: IntraGroup, store: dist.Store | None, device: torch.device, dtype: str,
-                 timeout_s: float):
+    def __init__(self, ranks: IntraGroup, device: torch.device, dtype: str, timeout_s: float):
         from torch.distributed.device_mesh import DeviceMesh
 
         super().__init__(ranks)
-        if dist.is_initialized():
-            raise RuntimeError("--shard fsdp: this process already has a default process group; a rank of a "
-                               "replica group builds its own from the group's store")
-        store = dist.HashStore() if store is None else dist.PrefixStore(FSDP_STORE_PREFIX, store)
-        dist.init_process_group(intra_group_backend(device.type), store=store, rank=ranks.rank,
-                                world_size=ranks.world_size, timeout=timedelta(seconds=timeout_s))
+        _init_group(ranks, device, timeout_s)
         self.process_group = dist.group.WORLD
         self.mesh = DeviceMesh.from_group(self.process_group, device.type, mesh_dim_names=("shard",))
         self.mp_policy = mixed_precision(dtype)
@@ -220,7 +247,9 @@ class FullyShardedGroup(Replicated):
         """A failed collective inside the group means a rank is gone: the group stops (GroupFailed)."""
         try:
             yield
-        except dist.DistError as e:
+        except RuntimeError as e:
+            if not collective_failure(e):
+                raise
             raise GroupFailed(f"rank {self.ranks.rank}: a rank of this group is gone during {what} "
                               f"({str(e).splitlines()[0][:200]}); the group stops and is restarted as a whole") from None
 
@@ -302,6 +331,13 @@ class FullyShardedGroup(Replicated):
         if self.ranks.rank == 0:
             prune_sharded(directory, keep)
 
+    def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The whole model's state_dict gathered from the shards, on the CPU (a collective: every rank of the
+        group calls it; each gets the whole, one tensor at a time on the device)."""
+        with self._collectives("gathering the model"):
+            return {name: (t.full_tensor() if hasattr(t, "full_tensor") else t).cpu()
+                    for name, t in model.state_dict().items()}
+
     def basis_function(self):
         from .sharded_basis import ShardedBasis
 
@@ -327,9 +363,57 @@ def _idle_pass(model, path, batches, step: int, item: WorkItem, device) -> None:
     (loss * 0.0).backward()
 
 
-def model_holding(shard: str, ranks: IntraGroup, store: dist.Store | None, device: torch.device, dtype: str,
-                  timeout_s: float) -> Replicated:
+def _init_group(ranks: IntraGroup, device: torch.device, timeout_s: float) -> None:
+    """This process's default process group: the ranks of its replica group, built on the group's store
+    (``ranks.store``; a group of one rank: a store of its own), gloo or NCCL (:mod:`mecefo.backends`)."""
+    if dist.is_initialized():
+        raise RuntimeError("this process already has a default process group; a rank of a replica group builds "
+                           "its own from the group's store")
+    store = dist.HashStore() if ranks.store is None else dist.PrefixStore(FSDP_STORE_PREFIX, ranks.store)
+    dist.init_process_group(local_backends(device.type).intra, store=store, rank=ranks.rank,
+                            world_size=ranks.world_size, timeout=timedelta(seconds=timeout_s))
+
+
+def model_holding(shard: str, ranks: IntraGroup, device: torch.device, dtype: str, timeout_s: float) -> Replicated:
     """The holding ``--shard`` names, for this rank of its group."""
     if shard == "fsdp":
-        return FullyShardedGroup(ranks, store, device, dtype, timeout_s)
-    return Replicated(ranks)
+        return FullyShardedGroup(ranks, device, dtype, timeout_s)
+    return Replicated(ranks, device, timeout_s)
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.2f} MB"
+
+
+def bytes_table(presets: list[str], group_sizes: list[int], param_bytes: int = 4) -> str:
+    """A markdown table of what each rank holds (rank 0, the largest shard) under FSDP2 with AdamW; the last
+    column adds the gradient shards (FSDP2 keeps them sharded between steps too)."""
+    lines = ["| model | parameters | G | parameters / rank | AdamW state / rank | parameters + AdamW / rank "
+             "| + gradients |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for preset in presets:
+        shapes = preset_shapes(preset)
+        count = sum(math.prod(s) for s in shapes)
+        for g in group_sizes:
+            held = planned_state_bytes(shapes, g, param_bytes)
+            total = held["param_bytes"] + held["optimizer_bytes"]
+            lines.append(f"| {preset} | {count / 1e6:,.1f} M | {g} | {_size(held['param_bytes'])} | "
+                         f"{_size(held['optimizer_bytes'])} | {_size(total)} | {_size(total + held['param_bytes'])} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m mecefo.sharding``: bytes of parameters + AdamW state per rank under FSDP2 (README's table)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m mecefo.sharding", description=main.__doc__.split(":")[1].strip())
+    parser.add_argument("--presets", nargs="+", default=["llama-1b", "llama-7b"])
+    parser.add_argument("--group-sizes", type=int, nargs="+", default=[1, 2, 8])
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float64"),
+                        help="the master weights' dtype follows: fp32 for float32 and bfloat16 (mixed precision)")
+    args = parser.parse_args(argv)
+    print(bytes_table(args.presets, args.group_sizes, 8 if args.dtype == "float64" else 4))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
