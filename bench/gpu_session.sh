@@ -20,6 +20,10 @@
 #             at the same shapes (llama-1b, llama-7b, 8192 tokens, bf16; then fp32 as TF32)
 #   kernels   bench/kernels.py, one op per run (a timeout loses one op's rows, not all), bf16
 #   step      bench/step.py at llama-350m, llama-1b and a 4-layer llama-7b slice, seq 2048, bf16
+#   fsdp-group  bench/fsdp_group.py under torchrun: a 2-rank FSDP2 group over NCCL (--shard fsdp's
+#             holding, exactness against the unsharded model, neighbour mode, a DCP round trip, bytes
+#             and step time per rank) when the machine has 2+ GPUs; skipped, saying why, with one
+#             (dry run: the same on 2 CPU processes over gloo)
 #   cluster   bench/cluster.py simulate from this GPU's step rows (the trainer's restart, detection
 #             and heal costs come from the committed CPU rows: torchft is not on the GPU image)
 #   plot      bench/plot.py for this GPU
@@ -141,6 +145,19 @@ for preset in "${STEP_PRESETS[@]}"; do
         ${STEP_ARGS[@]+"${STEP_ARGS[@]}"}
 done
 
+# ---- fsdp-group (issue 19): one 2-rank FSDP2 group, self-contained
+GPU_COUNT=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+FSDP_RUN=("$PYTHON" -m torch.distributed.run --nproc-per-node 2 --master-addr 127.0.0.1 --master-port 29631
+          bench/fsdp_group.py --csv "$CSV")
+if [ "$DRY_RUN" = 1 ]; then
+    run_stage fsdp-group 90 "${FSDP_RUN[@]}" --device cpu --preset tiny --seq 32 --steps 3
+elif [ "$GPU_COUNT" -ge 2 ]; then
+    run_stage fsdp-group 120 "${FSDP_RUN[@]}" --device cuda --preset llama-60m --seq 512 --steps 10
+else
+    echo "=== fsdp-group: skipped: this machine has $GPU_COUNT GPU(s); a 2-rank FSDP group needs 2"
+    printf '%-22s %-18s %6s\n' "fsdp-group" "SKIPPED ($GPU_COUNT GPU)" "-" >> "$STATUS"
+fi
+
 if [ "$DRY_RUN" = 1 ]; then
     DEVICE_MATCH="cpu"
 else
@@ -169,6 +186,7 @@ tar -czf "$OUT/logs.tar.gz" -C "$WORK" logs status.txt
         [ -f "$LOGS/$name.log" ] && { echo; echo "## $name"; grep -vE "^appended" "$LOGS/$name.log" | tail -n 14; }
     done
     [ -f "$LOGS/step-llama-1b.log" ] && { echo; echo "## step llama-1b"; grep -E "^llama-1b" "$LOGS/step-llama-1b.log"; }
+    [ -f "$LOGS/fsdp-group.log" ] && { echo; echo "## fsdp-group"; grep -E "^fsdp group|^  " "$LOGS/fsdp-group.log"; }
     echo
     echo "## stages"
     cat "$STATUS"
