@@ -59,7 +59,6 @@ from .sharding import model_holding, state_bytes
 from .sync import GradientSync
 
 RESTART_EXIT_CODE = 75  # policy restart: this replica asks the supervisor to restart the whole job
-GROUP_FAILED_EXIT_CODE = 1  # a rank of this replica group is gone: the group is restarted as a whole
 CHECKPOINT_DIR = "checkpoints"
 CORPUS_FILE = "corpus.json"
 RESTART_REQUEST_FILE = "restart_request.json"
@@ -474,9 +473,11 @@ def main(argv: list[str] | None = None) -> int:
     except Fenced as e:
         replica.report_fenced(e)
         return FENCED_EXIT_CODE
-    except GroupFailed as e:
+    except GroupFailed as e:  # the launcher restarts the group as a whole
+        from .group import EXIT_GROUP_FAILED
+
         print(f"replica {args.replica}: {e}", file=sys.stderr, flush=True)
-        return GROUP_FAILED_EXIT_CODE
+        return EXIT_GROUP_FAILED
     finally:
         if replica is not None:
             replica.shutdown()

@@ -255,7 +255,9 @@ class FullyShardedGroup(Replicated):
 
     def run_work(self, model, path, batches, step: int, items, device) -> tuple[float, float]:
         """Every rank runs one pass per group work item, in the item's mode: its piece, or an idle pass when
-        its piece is empty (module docstring), so the group's FSDP2 collectives match."""
+        its piece is empty (module docstring), so the group's FSDP2 collectives match. (Were a piece ever run
+        as several micro-batches, every rank would have to run as many passes as the largest piece: the
+        same rule, padded with idle passes.)"""
         loss_sum = shards = 0.0
         with self._collectives("forward/backward"):
             for item in items:

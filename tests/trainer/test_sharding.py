@@ -175,3 +175,62 @@ def test_each_rank_holds_its_share_of_parameters_and_optimizer_state():
         assert measured == planned_state_bytes(shapes, 2, 4)
         total = measured["param_bytes"] + measured["optimizer_bytes"]
         assert abs(total / ((whole["param_bytes"] + whole["optimizer_bytes"]) / 2) - 1) < 0.05
+
+
+class _Batches:
+    """Fixed random sequences: shard s, rows [start, stop) of a [4, 17] block per shard."""
+
+    micro_batch = 4
+
+    def __init__(self):
+        gen = torch.Generator().manual_seed(11)
+        self.data = torch.randint(0, 256, (3, 4, 17), generator=gen)
+
+    def batch(self, step, shard, start=0, stop=None):
+        rows = self.data[shard, start:stop]
+        return rows[:, :-1], rows[:, 1:]
+
+
+def _group_work(group):
+    """The group's work items over its 2 ranks, some too small to split (an idle pass on the rank without a
+    piece), against one process running every item whole."""
+    from mecefo.membership import WorkItem
+    from mecefo.neighbor import MeCeFOPath
+
+    cfg = TrainConfig(run_dir="unused", preset="tiny", dtype="float64")
+    path = MeCeFOPath(rank=6, tau=10, basis="weight")
+    reference = path.prepare(build_model(cfg))
+    holding = _fsdp(group)
+    model = holding.wrap(copy.deepcopy(reference))
+    items = [WorkItem(0, 0, 1), WorkItem(1, 1, 4), WorkItem(2, 2, 3, "neighbour"), WorkItem(0, 1, 4, "neighbour")]
+    loss, shards = holding.run_work(model, path, _Batches(), 0, items, "cpu")
+    stats = torch.tensor([loss, shards], dtype=torch.float64)
+    group.ranks.allreduce_sum(stats)
+    grads = {n: (None if p.grad is None else _full(p.grad)) for n, p in model.named_parameters()}
+    return stats, grads
+
+
+def test_every_rank_runs_a_pass_per_work_item_even_without_a_piece():
+    """Items of 1 and 3 sequences over 2 ranks (rank 1 has no piece of the first and third, so it runs idle
+    passes: FSDP2's collectives must match), exact and in neighbour mode: the group's summed gradients and
+    loss equal one process running every item whole, to float64 rounding."""
+    from mecefo.membership import WorkItem
+    from mecefo.model import run_work
+    from mecefo.neighbor import MeCeFOPath
+
+    results = run_group(_group_work, 2)
+    path = MeCeFOPath(rank=6, tau=10, basis="weight")
+    reference = path.prepare(build_model(TrainConfig(run_dir="unused", preset="tiny", dtype="float64")))
+    items = [WorkItem(0, 0, 1), WorkItem(1, 1, 4), WorkItem(2, 2, 3, "neighbour"), WorkItem(0, 1, 4, "neighbour")]
+    for item in items:  # each piece is its own micro-batch, as the ranks run them: loss of the mean per piece
+        for start, stop in ((item.start, item.start + (item.sequences + 1) // 2),
+                            (item.start + (item.sequences + 1) // 2, item.stop)):
+            if stop > start:
+                run_work(reference, path, _Batches(), 0, [WorkItem(item.shard, start, stop, item.mode)], "cpu")
+    expected = {n: p.grad for n, p in reference.named_parameters()}
+    for stats, grads in results:
+        assert stats[1].item() == sum(i.sequences for i in items) / 4, "the idle passes count nothing"
+        for name, g in expected.items():
+            assert (g is None) == (grads[name] is None), name
+            if g is not None:
+                assert _relative(grads[name], g) < 1e-12, name
