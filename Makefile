@@ -6,11 +6,14 @@
 #
 # The virtual environment (.venv) is created and filled from requirements/cpu.txt, then this
 # project is installed editable with its C++ extension (MECEFO_REQUIRE_EXT=1: a broken
-# extension fails the build instead of silently falling back).
+# extension fails the build instead of silently falling back). The newest releases pyproject.toml
+# allows, where they differ (requirements/newest.txt), go to .venv/newest, which only the tests that
+# check them put on sys.path (tests/packaging/test_newest_allowed.py).
 
 PYTHON ?= python3
 VENV ?= .venv
 REQUIREMENTS ?= requirements/cpu.txt
+NEWEST_REQUIREMENTS := requirements/newest.txt
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.mecefo-installed
 PYTEST_ARGS ?=
@@ -19,10 +22,12 @@ PYTEST_ARGS ?=
 
 venv: $(STAMP)
 
-$(STAMP): $(REQUIREMENTS) setup.py pyproject.toml $(wildcard csrc/*)
+$(STAMP): $(REQUIREMENTS) $(NEWEST_REQUIREMENTS) setup.py pyproject.toml $(wildcard csrc/*)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r $(REQUIREMENTS)
+	rm -rf $(VENV)/newest
+	$(BIN)/python -m pip install -q --no-deps --target $(VENV)/newest -r $(NEWEST_REQUIREMENTS)
 	MECEFO_REQUIRE_EXT=1 $(BIN)/python -m pip install -q --no-build-isolation --no-deps -e .
 	$(BIN)/python -m mecefo_kernels.info
 	@touch $@
@@ -37,7 +42,7 @@ info: venv
 	$(BIN)/python -m mecefo_kernels.info
 
 bench: venv
-	$(BIN)/python bench/kernels.py
+	$(BIN)/python bench/kernel_bench.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info mecefo_kernels/_C*.so mecefo_kernels/_build_info.json

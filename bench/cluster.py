@@ -432,7 +432,7 @@ def paper_size(preset: str) -> str | None:
 # 2 replicas of one thread each on the 2-core machine (see the module docstring); a tiny LLaMA with
 # enough tokens per shard that compute, not per-step bookkeeping, sets the step time; no state
 # hashes (they cost time every step); the trainer's default detection timeouts.
-TRAINER = dict(preset="tiny", replicas=2, threads=1, seq_len=128, micro_batch=4, warmup=5, eval_batches=1,
+TRAINER = dict(model="tiny", replicas=2, threads=1, seq_len=128, micro_batch=4, warmup=5, eval_batches=1,
                hash_state=False, checkpoint_every=10, restart_after=10, max_wall_s=600.0)
 CALIBRATION_SKIP = 2  # steps after a process start that still warm up (allocator, first quorum)
 CALIBRATION_NEAREST = 8  # failure-free steps around a step that give the machine's speed then
@@ -442,7 +442,7 @@ TOLERANCE_PCT = 10.0  # the issue's target for the simulator against the trainer
 
 def trainer_config_name(**overrides) -> str:
     cfg = {**TRAINER, **overrides}
-    return (f"{cfg['preset']}:replicas={cfg['replicas']},threads={cfg['threads']},S={cfg['seq_len']},"
+    return (f"{cfg['model']}:replicas={cfg['replicas']},threads={cfg['threads']},S={cfg['seq_len']},"
             f"B={cfg['micro_batch']},steps={cfg.get('steps', '')},seed={cfg.get('seed', 0)}")
 
 
@@ -663,7 +663,7 @@ def trainer_main(args) -> int:
 
     recorder = Recorder(torch.device("cpu"), **({"path": args.csv} if args.csv else {}))
     tokens = TRAINER["seq_len"] * TRAINER["micro_batch"]
-    cost = neighbour_cost(TRAINER["preset"], TRAINER["seq_len"], TRAINER["micro_batch"], TRAINER["threads"])
+    cost = neighbour_cost(TRAINER["model"], TRAINER["seq_len"], TRAINER["micro_batch"], TRAINER["threads"])
     work = WorkCosts(neighbour=cost)
     print(f"# load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (other processes' load skews the "
           "timings: run this on a quiet machine)")

@@ -66,7 +66,7 @@ from mecefo.data import Batches, CorpusFiles  # noqa: E402
 from mecefo.failures import load_schedule  # noqa: E402
 from mecefo.launch import launch  # noqa: E402
 from mecefo.membership import plan_step  # noqa: E402
-from mecefo.model import build_model  # noqa: E402
+from mecefo.models import build_model  # noqa: E402
 from mecefo.neighbor import MeCeFOPath  # noqa: E402
 from mecefo.probe import (GROUPS, compare, exact_gradients, neighbour_run_shards, parameter_groups,  # noqa: E402
                           shard_gradient, single_failure_plan)
@@ -181,7 +181,7 @@ def train_config(profile: Profile, run_dir: Path, *, cache_dir: str | None, fail
     policy, basis = parse_variant(policy)
     steps = steps or profile.steps
     return TrainConfig(
-        run_dir=str(run_dir), preset=profile.preset, device=profile.device, seed=seed, seq_len=profile.seq_len,
+        run_dir=str(run_dir), model=profile.preset, device=profile.device, seed=seed, seq_len=profile.seq_len,
         micro_batch=profile.micro_batch, replicas=profile.replicas, steps=steps, policy=policy, basis=basis,
         rank=rank, tau=tau, lr=profile.lr, warmup=profile.warmup, failures=failures, schedule_hours=SCHEDULE_HOURS,
         checkpoint_every=checkpoint_every, keep_checkpoints=steps // max(checkpoint_every, 1) + 1,

@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import mecefo_kernels as mk  # noqa: E402
 from mecefo.config import TrainConfig  # noqa: E402
-from mecefo.model import build_model, shard_loss  # noqa: E402
+from mecefo.model import shard_loss
+from mecefo.models import build_model  # noqa: E402
 
 
 def _full(t):
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     say = print if rank == 0 else (lambda *a, **k: None)
     say(f"fsdp group: {world} ranks on {device.type}, backend {dist.get_backend()}, preset {args.preset}")
 
-    cfg = TrainConfig(run_dir="unused", preset=args.preset, dtype="float32")
+    cfg = TrainConfig(run_dir="unused", model=args.preset, dtype="float32")
     reference = mk.apply_mecefo(build_model(cfg, device))
     model = holding.wrap(copy.deepcopy(reference))
     optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-4, foreach=False) for m in (reference, model)]

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     recorder = Recorder(torch.device("cpu"), **({"path": args.csv} if args.csv else {}))
     medians = {}
     for shard in ("none", "fsdp"):
-        cfg = TrainConfig(run_dir=str(work / shard), preset=args.preset, dtype=args.dtype, replicas=2,
+        cfg = TrainConfig(run_dir=str(work / shard), model=args.preset, dtype=args.dtype, replicas=2,
                           group_size=args.group_size, shard=shard, steps=steps, seq_len=16, micro_batch=1,
                           policy="ndb-exact", inject=kills, restart_after=0, checkpoint_every=0, eval_batches=1,
                           heartbeat_timeout_s=2.0, timeout_s=60.0, max_wall_s=3600.0, hash_state=False,

@@ -18,6 +18,7 @@ Values are checked against the torch backend, so a wrong answer fails here too.
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 import torch
@@ -40,7 +41,8 @@ def grads(fn, *tensors: torch.Tensor) -> list[torch.Tensor]:
     return [out.detach()] + [t.grad for t in leaves]
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16
     live = {impl for impl, status in mk_backend.explain("swiglu_ffn", device.type).items() if status.ok}

@@ -13,6 +13,9 @@ have ``self_attn``, ``mlp`` (gate_proj/up_proj/down_proj), ``input_layernorm`` a
 
 from __future__ import annotations
 
+import re
+import warnings
+
 from torch import nn
 
 from .nn.decoder import (DEFAULT_BASIS_METHOD, DEFAULT_BASIS_SOURCE, DEFAULT_RANK, DEFAULT_REFRESH_EVERY,
@@ -27,20 +30,40 @@ def decoder_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
             if isinstance(getattr(m, "self_attn", None), nn.Module) and isinstance(getattr(m, "mlp", None), nn.Module)]
 
 
+# The transformers releases this package allows: (major, minor) from, (major, minor) below. pyproject.toml's
+# `hf` and `train` extras say the same (tests/packaging/test_dependency_versions.py); CI tests the pinned
+# release (requirements/cpu.txt) and the newest allowed one (requirements/newest.txt). README: Install.
+TRANSFORMERS_RANGE = ((5, 0), (5, 26))
+
+
+def transformers_requirement() -> str:
+    """The range as a pip specifier, e.g. "transformers>=5.0,<5.26"."""
+    (lo_major, lo_minor), (hi_major, hi_minor) = TRANSFORMERS_RANGE
+    return f"transformers>={lo_major}.{lo_minor},<{hi_major}.{hi_minor}"
+
+
 def transformers_version() -> str:
     from importlib.metadata import version
 
     return version("transformers")
 
 
-def _check_transformers_version(layer: nn.Module) -> None:
-    """Decoder layers of transformers < 5 return tuples; the neighbour path returns a tensor as 5.x does."""
-    if not type(layer).__module__.startswith("transformers."):
+def _check_transformers_version(layers: list[nn.Module]) -> None:
+    """Decoder layers of transformers < 5 return tuples; the neighbour path returns a tensor as 5.x does: refused.
+    A release outside TRANSFORMERS_RANGE (one pip would not install with this package) is used with a warning."""
+    if not any(type(layer).__module__.startswith("transformers.") for layer in layers):
         return
     found = transformers_version()
-    if int(found.split(".")[0]) < 5:
+    release = tuple(int(part) for part in re.match(r"(\d+)\.(\d+)", found).groups())
+    if release[0] < 5:
         raise RuntimeError(f"apply_mecefo needs transformers >= 5 (decoder layers return tensors), "
                            f"found {found}: pip install 'mecefo_kernels[hf]'")
+    low, high = TRANSFORMERS_RANGE
+    if not low <= release < high:
+        warnings.warn(f"transformers {found} is outside the range this mecefo_kernels allows "
+                      f"({transformers_requirement()}, whose newest release is tested): its LLaMA layers may have "
+                      f"changed, so the HF patch may fail or compute something else; "
+                      f"pip install '{transformers_requirement()}'", UserWarning, stacklevel=3)
 
 
 def apply_mecefo(model: nn.Module, *, rank: int | float = DEFAULT_RANK, refresh_every: int = DEFAULT_REFRESH_EVERY,
@@ -81,7 +104,7 @@ def apply_mecefo(model: nn.Module, *, rank: int | float = DEFAULT_RANK, refresh_
                          "to patch; apply_mecefo expects a LLaMA-family model")
     for name, layer in layers:
         check_decoder_layer(layer, name or type(layer).__name__)
-        _check_transformers_version(layer)
+    _check_transformers_version([layer for _, layer in layers])
     for _, layer in layers:
         make_neighbor_capable(layer, rank=rank, refresh_every=refresh_every, basis_method=basis_method,
                               basis=basis, backend=backend)

@@ -80,6 +80,13 @@ def _rms_norm_eps(norm: nn.Module, where: str) -> float:
     raise ValueError(f"{where} has no epsilon attribute (variance_epsilon or eps); expected an RMSNorm")
 
 
+def _cpu_copy(module: nn.Module) -> nn.Module:
+    """A CPU copy of a (meta-device) module's structure, its tensors uninitialised."""
+    import copy
+
+    return copy.deepcopy(module).to_empty(device="cpu")
+
+
 @torch.no_grad()
 def check_decoder_layer(layer: nn.Module, where: str = "layer") -> None:
     """Raise ValueError unless layer has the structure and math the neighbour path reproduces.
@@ -106,19 +113,28 @@ def check_decoder_layer(layer: nn.Module, where: str = "layer") -> None:
     if linears["up_proj"].shape != (h, d) or linears["down_proj"].shape != (d, h):
         raise ValueError(f"{where}.mlp projections have inconsistent shapes: gate {tuple(linears['gate_proj'].shape)}, "
                          f"up {tuple(linears['up_proj'].shape)}, down {tuple(linears['down_proj'].shape)}")
+    residual = getattr(layer, "residual_multiplier", 1.0)  # Granite: h = x + attn(.) * multiplier
+    if not isinstance(residual, (int, float)) or residual != 1.0:
+        raise ValueError(f"{where} ({type(layer).__name__}) scales its residual branches by residual_multiplier="
+                         f"{residual}; MeCeFO's neighbour path computes h = x + attn(norm(x)), y = h + mlp(norm(h))")
     weight = linears["gate_proj"]
-    if weight.device.type == "meta":
-        return  # nothing to probe; the structure is right
-    probe = torch.linspace(-4, 4, 9, device=weight.device, dtype=torch.float32)
     act = getattr(mlp, "act_fn", None)
-    if act is None or not torch.allclose(act(probe), F.silu(probe), rtol=1e-5, atol=1e-6):
-        raise ValueError(f"{where}.mlp.act_fn ({type(act).__name__}) is not SiLU; MeCeFO's FFN path is SwiGLU")
     norm = layer.post_attention_layernorm
     norm_weight = getattr(norm, "weight", None)
     if not isinstance(norm_weight, torch.Tensor) or norm_weight.shape != (d,):
         raise ValueError(f"{where}.post_attention_layernorm must have a weight of shape ({d},)")
+    if weight.device.type == "meta":
+        # a model on the meta device (checked before it is built): probe CPU copies of the activation and
+        # the norm, the norm with a known weight
+        act = _cpu_copy(act) if isinstance(act, nn.Module) else act
+        norm = _cpu_copy(norm)
+        norm.weight.copy_(torch.linspace(0.5, 1.5, d))
+        norm_weight = norm.weight
+    probe = torch.linspace(-4, 4, 9, device=norm_weight.device, dtype=torch.float32)
+    if act is None or not torch.allclose(act(probe), F.silu(probe), rtol=1e-5, atol=1e-6):
+        raise ValueError(f"{where}.mlp.act_fn ({type(act).__name__}) is not SiLU; MeCeFO's FFN path is SwiGLU")
     eps = _rms_norm_eps(norm, f"{where}.post_attention_layernorm")
-    x = torch.linspace(-2, 3, 2 * d, device=weight.device).view(2, d).to(norm_weight.dtype)
+    x = torch.linspace(-2, 3, 2 * d, device=norm_weight.device).view(2, d).to(norm_weight.dtype)
     got = norm(x).double()
     xd = x.double()
     want = xd * torch.rsqrt(xd.square().mean(-1, keepdim=True) + eps) * norm_weight.double()

@@ -16,7 +16,12 @@ from .membership import DEFAULT_DROP_PENALTY, DEFAULT_MAX_LOAD, DEFAULT_PENALTY
 from .policy import APPROXIMATIONS, BASES, POLICIES, TAKEOVERS, Policy, check_policy, resolve_policy
 from .presets import PRESETS, get_preset
 
+# float32 / float64: weights, optimizer state and compute in that dtype; bfloat16: mixed precision (float32
+# master weights and AdamW state, bf16 compute under autocast)
 DTYPES = ("float32", "float64", "bfloat16")
+REDUCE_DTYPES = ("float32", "bfloat16")  # the gradient all-reduce: the master dtype, or bf16 (not on gloo/CPU)
+INITS = ("random", "pretrained")
+DEFAULT_MODEL = "tiny"
 DEVICES = ("cpu", "cuda")
 SHARDS = ("none", "fsdp")  # how a replica group holds the model (mecefo.sharding)
 HASH_STATE_MAX_PARAMS = 50_000_000
@@ -34,17 +39,27 @@ class ConfigError(ValueError):
 @dataclass
 class TrainConfig:
     run_dir: str = "runs/train"
-    # model
-    preset: str = "tiny"
+    # model: a preset name or a local Hugging Face model directory (None: the tiny preset, or the factory's);
+    # or a factory MODULE:FUNCTION; its initial weights: random | pretrained (None: pretrained when the
+    # directory holds weights)
+    model: str | None = None
+    model_factory: str | None = None
+    init: str | None = None
     dtype: str = "float32"
+    reduce_dtype: str = "float32"
     seed: int = 0
     device: str = "cpu"  # cpu, or cuda (replica i on GPU i mod the GPU count)
-    # data: "stdlib" (embedded corpus), text files / directories, or one tokenised .bin file
+    # data: "stdlib" (embedded corpus), text files / directories, or one tokenised .bin file; with a tokenizer
+    # also JSON Lines, Parquet, Arrow files and datasets save_to_disk directories (mecefo.documents)
     data: list[str] = field(default_factory=lambda: ["stdlib"])
     data_dtype: str = "uint16"  # element type of a tokenised .bin file
+    tokenizer: str | None = None  # a local tokenizer directory (None: byte-level)
+    text_field: str = "text"  # the field of a record (JSON Lines, Parquet, Arrow, datasets) that holds its text
+    tokenize_workers: int | None = None  # processes that tokenise the corpus once (None: one per CPU core)
     val_percent: float = 5.0
     seq_len: int = 64
-    micro_batch: int = 4  # sequences per shard per step; global batch = replicas * micro_batch
+    micro_batch: int = 4  # sequences per forward/backward
+    grad_accum: int = 1  # micro-batches per shard per step; global batch = replicas * grad_accum * micro_batch
     # job
     replicas: int = 4
     group_size: int = 1  # ranks per replica group (mecefo-train starts G processes per replica)
@@ -110,23 +125,36 @@ class TrainConfig:
         if self.auto_penalty < 0 or self.auto_drop_penalty < 0:
             raise ValueError(f"auto_penalty and auto_drop_penalty must be >= 0, got {self.auto_penalty} and "
                              f"{self.auto_drop_penalty}")
-        preset = get_preset(self.preset)
+        if self.model is not None and self.model_factory is not None:
+            raise ConfigError("model_factory", "--model and --model-factory are exclusive: give one, not both")
+        if self.init is not None and self.init not in INITS:
+            raise ConfigError("init", f"init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if self.reduce_dtype not in REDUCE_DTYPES:
+            raise ConfigError("reduce_dtype", f"reduce_dtype must be one of {', '.join(REDUCE_DTYPES)}, got "
+                                              f"{self.reduce_dtype!r}")
+        if self.reduce_dtype == "bfloat16" and (self.dtype != "bfloat16" or self.device != "cuda"):
+            raise ConfigError("reduce_dtype", "reduce_dtype bfloat16 needs --dtype bfloat16 and --device cuda: on "
+                                              "the CPU (gloo) gradients are all-reduced in float32")
         if self.device not in DEVICES:
             raise ConfigError("device", f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ConfigError("dtype", f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.shard not in SHARDS:
             raise ConfigError("shard", f"shard must be one of {', '.join(SHARDS)}, got {self.shard!r}")
-        at_least = dict(replicas=1, group_size=1, steps=1, seq_len=1, micro_batch=1, threads=1, keep_checkpoints=1, min_replicas=1,
+        at_least = dict(replicas=1, group_size=1, steps=1, seq_len=1, micro_batch=1, grad_accum=1, threads=1, keep_checkpoints=1, min_replicas=1,
                         eval_batches=1, warmup=0, checkpoint_every=0, eval_every=0, max_restarts=0)
         for name, low in at_least.items():
             if getattr(self, name) < low:
                 raise ConfigError(name, f"{name} must be >= {low}, got {getattr(self, name)}")
-        if self.seq_len > preset.max_seq_len:
-            raise ConfigError("seq_len", f"seq_len {self.seq_len} exceeds preset {self.preset!r}'s max_seq_len "
-                                         f"{preset.max_seq_len}")
+        if self.model_name in PRESETS and self.seq_len > get_preset(self.model_name).max_seq_len:
+            raise ConfigError("seq_len", f"seq_len {self.seq_len} exceeds preset {self.model_name!r}'s max_seq_len "
+                                         f"{get_preset(self.model_name).max_seq_len}")
         if self.min_replicas > self.replicas:
             raise ConfigError("min_replicas", f"min_replicas {self.min_replicas} exceeds replicas {self.replicas}")
+        if self.tokenize_workers is not None and self.tokenize_workers < 1:
+            raise ConfigError("tokenize_workers", f"tokenize_workers must be >= 1, got {self.tokenize_workers}")
+        if not self.text_field:
+            raise ConfigError("text_field", "text_field must name a field, got ''")
         if not 0 < self.val_percent < 100:
             raise ConfigError("val_percent", f"val_percent must be in (0, 100), got {self.val_percent}")
         if self.rank is not None and (self.rank <= 0 or (isinstance(self.rank, float) and self.rank > 1)):
@@ -155,12 +183,24 @@ class TrainConfig:
         return resolve_policy(self.policy, takeover=self.takeover, approximate=self.approximate)
 
     @property
+    def model_name(self) -> str | None:
+        """The preset name or model directory (None: a factory builds the model)."""
+        if self.model is not None:
+            return self.model
+        return None if self.model_factory is not None else DEFAULT_MODEL
+
+    @property
     def run_path(self) -> Path:
         return Path(self.run_dir)
 
     @property
+    def sequences_per_shard(self) -> int:
+        """A shard of the global batch: grad_accum micro-batches of micro_batch sequences."""
+        return self.grad_accum * self.micro_batch
+
+    @property
     def tokens_per_shard(self) -> int:
-        return self.micro_batch * self.seq_len
+        return self.sequences_per_shard * self.seq_len
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -168,6 +208,8 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
+        if "preset" in data and "model" not in data:  # run directories written before --model
+            data = {("model" if k == "preset" else k): v for k, v in data.items()}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown config keys: {', '.join(unknown)}")
@@ -193,20 +235,47 @@ def add_train_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig) 
     """The mecefo-train options; `defaults` supplies the default values (the demo has its own)."""
     d = defaults
     g = parser.add_argument_group("model and data")
-    g.add_argument("--preset", default=d.preset, choices=sorted(PRESETS), help="model shape (default %(default)s)")
-    g.add_argument("--dtype", default=d.dtype, choices=DTYPES)
+    g.add_argument("--model", "--preset", dest="model", default=d.model, metavar="PRESET|DIR",
+                   help=f"a preset shape ({', '.join(PRESETS)}; default {DEFAULT_MODEL}) or a local Hugging Face "
+                        "model directory (config.json, weights in *.safetensors); nothing is downloaded")
+    g.add_argument("--init", default=d.init, choices=INITS,
+                   help="initial weights of a model directory: pretrained (its safetensors: continued training, "
+                        "fine-tuning; the default when it has weights) or random (pre-training from its config)")
+    g.add_argument("--model-factory", default=d.model_factory, metavar="MODULE:FUNCTION",
+                   help="your own model: a callable returning an nn.Module whose forward takes input_ids and returns "
+                        "logits (or .logits); MeCeFO's neighbour mode needs LLaMA-family decoder layers")
+    g.add_argument("--dtype", default=d.dtype, choices=DTYPES,
+                   help="float32 / float64: everything in that dtype; bfloat16: mixed precision (float32 master "
+                        "weights and AdamW state, bf16 compute under autocast)")
+    g.add_argument("--reduce-dtype", default=d.reduce_dtype, choices=REDUCE_DTYPES,
+                   help="dtype of the gradient all-reduce: float32 (the master weights'; float64 with --dtype "
+                        "float64) or bfloat16 (--dtype bfloat16 on --device cuda only: gloo reduces float32)")
     g.add_argument("--device", default=d.device, choices=DEVICES,
                    help="cuda: every rank on its own GPU (mecefo-train: (replica x group size + rank) mod the GPU "
                         "count; mecefo-group: LOCAL_RANK), collectives over NCCL (mecefo.backends)")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--data", nargs="+", default=d.data, metavar="SRC",
                    help="'stdlib' (the Python standard library's sources, byte-level; no download), "
-                        "text files / directories (byte-level), or one tokenised .bin file")
+                        "text files / directories (byte-level), or one tokenised .bin file; JSON Lines (.jsonl), "
+                        "Parquet (.parquet), Arrow (.arrow) files and datasets save_to_disk directories give one "
+                        "document per record (tokenised with --tokenizer, else byte-level)")
     g.add_argument("--data-dtype", default=d.data_dtype, choices=("uint8", "uint16", "int32"),
                    help="element type of a tokenised .bin file")
+    g.add_argument("--tokenizer", default=d.tokenizer, metavar="DIR",
+                   help="a local Hugging Face tokenizer directory (read offline): --data is tokenised with it once, "
+                        "into the corpus cache, the tokenizer's EOS after each document")
+    g.add_argument("--text-field", default=d.text_field, metavar="FIELD",
+                   help="the field of a JSON Lines / Parquet / Arrow / datasets record that holds its text "
+                        "(default %(default)s)")
+    g.add_argument("--tokenize-workers", type=int, default=d.tokenize_workers, metavar="N",
+                   help="processes that tokenise the corpus (default: one per CPU core)")
     g.add_argument("--val-percent", type=float, default=d.val_percent)
     g.add_argument("--seq-len", type=int, default=d.seq_len)
-    g.add_argument("--micro-batch", type=int, default=d.micro_batch, help="sequences per shard per step")
+    g.add_argument("--micro-batch", type=int, default=d.micro_batch,
+                   help="sequences per forward/backward (peak activation memory is one micro-batch's)")
+    g.add_argument("--grad-accum", type=int, default=d.grad_accum,
+                   help="micro-batches per shard per step: global batch = replicas x grad-accum x micro-batch "
+                        "sequences (default %(default)s)")
 
     g = parser.add_argument_group("job")
     g.add_argument("--run-dir", default=d.run_dir, help="where metrics, checkpoints, logs, plot go")

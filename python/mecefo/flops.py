@@ -1,7 +1,7 @@
 """Matmul FLOP counts of the LLaMA pieces (MECEFO.md, "What a neighbour step costs").
 
 Used by the trainer (:mod:`mecefo.costs`: the cost of a neighbour-mode sequence when none is
-measured), bench/kernels.py (achieved TFLOP/s of each op) and bench/step.py (the analytic floor
+measured), bench/kernel_bench.py (achieved TFLOP/s of each op) and bench/step.py (the analytic floor
 of a neighbour step). Elementwise work (norms, SiLU, softmax) is left out: it is memory-bound and
 measured in GB/s instead.
 """

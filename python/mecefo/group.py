@@ -49,8 +49,11 @@ from .failures import parse_injection
 
 EXIT_GROUP_FAILED = 1  # a rank of this group is gone: restart the whole group
 # TrainConfig fields a group may set for itself: where it writes, its threads, how it is supervised
-LOCAL_FIELDS = frozenset({"run_dir", "cache_dir", "data", "threads", "resume", "max_wall_s", "inject",
-                          "restart_after", "max_restarts", "hash_state"})
+# and where the model and data come from: they are compared by content (job_identity: the model's identity,
+# the corpus's tokens' fingerprint)
+LOCAL_FIELDS = frozenset({"run_dir", "cache_dir", "data", "model", "threads", "resume", "max_wall_s", "inject",
+                          "restart_after", "max_restarts", "hash_state", "tokenizer", "text_field",
+                          "tokenize_workers"})
 SETUP_KEY = "mecefo/setup"  # in the group's store: rank 0's verdict on the start-up, for the other ranks
 
 
@@ -114,15 +117,16 @@ def wait_reachable(address: str, what: str, option: str, timeout_s: float) -> No
             time.sleep(0.2)
 
 
-def job_identity(cfg: TrainConfig, corpus_fingerprint: str, ranks_per_group: int) -> dict:
-    """What every group of one job must agree on (:data:`LOCAL_FIELDS` excluded)."""
+def job_identity(cfg: TrainConfig, corpus_fingerprint: str, ranks_per_group: int, model: dict | None = None) -> dict:
+    """What every group of one job must agree on (:data:`LOCAL_FIELDS` excluded; the model by its identity,
+    :func:`mecefo.models.model_identity`)."""
     # group_size is ranks_per_group (WORLD_SIZE), named by its torchrun / srun option in a refusal
     identity = {k: v for k, v in asdict(cfg).items() if k not in LOCAL_FIELDS and k != "group_size"}
-    identity.update(corpus=corpus_fingerprint, ranks_per_group=ranks_per_group)
+    identity.update(corpus=corpus_fingerprint, ranks_per_group=ranks_per_group, model=model)
     return json.loads(json.dumps(identity))  # tuples as lists: equal to what comes back from the store
 
 
-_IDENTITY_OPTIONS = {"corpus": "--data", "ranks_per_group": "--nproc-per-node / WORLD_SIZE", "replicas": "--groups",
+_IDENTITY_OPTIONS = {"corpus": "--data", "model": "--model", "ranks_per_group": "--nproc-per-node / WORLD_SIZE", "replicas": "--groups",
                      "timeout_s": "--timeout", "heartbeat_timeout_s": "--heartbeat-timeout",
                      "quorum_timeout_s": "--quorum-timeout"}
 
@@ -142,6 +146,8 @@ def check_same_job(store, identity: dict, group: int) -> None:
             here, there = identity.get(key), theirs.get(key)
             if key == "corpus":
                 here, there = str(here)[:12], str(there)[:12]
+            if key == "model":  # its identity (mecefo.models.model_identity): architecture, config, weights
+                here, there = (", ".join(f"{k} {v}" for k, v in (m or {}).items()) for m in (here, there))
             diffs.append(f"{key} {here!r} here, {there!r} in the job ({option})")
     raise AdmissionError(f"group {group} does not match the job it joins: {'; '.join(diffs)}")
 
@@ -219,14 +225,15 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_group_run_dir(cfg: TrainConfig, corpus) -> None:
-    """The run directory's config.json and corpus.json (several groups may share the directory:
+def write_group_run_dir(cfg: TrainConfig, corpus, model: dict) -> None:
+    """The run directory's config.json, corpus.json and model.json (several groups may share the directory:
     written atomically; an existing run is joined, not refused)."""
-    from .replica import CORPUS_FILE
+    from .replica import CORPUS_FILE, MODEL_FILE
 
     cfg.run_path.mkdir(parents=True, exist_ok=True)
     _write_atomic(cfg.run_path / "config.json", cfg.to_json() + "\n")
     _write_atomic(cfg.run_path / CORPUS_FILE, json.dumps(corpus.as_dict(), indent=2) + "\n")
+    _write_atomic(cfg.run_path / MODEL_FILE, json.dumps(model, indent=2) + "\n")
 
 
 def _parser() -> OneLineErrors:
@@ -303,6 +310,7 @@ def _run_group(parser, cfg: TrainConfig, args, place: RankPlace, *, lighthouse: 
 
     from .data import check_length, prepare_corpus
     from .fencing import FENCED_EXIT_CODE, Fenced
+    from .models import check_model
     from .quorum import BoundStore, connect_store
     from .ranks import GroupFailed, IntraGroup
     from .replica import CHECKPOINT_DIR, Replica, die_with
@@ -329,17 +337,19 @@ def _run_group(parser, cfg: TrainConfig, args, place: RankPlace, *, lighthouse: 
     if place.rank == 0:
         try:
             corpus = prepare_corpus(cfg.data, cache_dir=cfg.cache_dir, val_percent=cfg.val_percent,
-                                    data_dtype=cfg.data_dtype)
+                                    data_dtype=cfg.data_dtype, tokenizer=cfg.tokenizer, text_field=cfg.text_field,
+                                    workers=cfg.tokenize_workers, progress=True)
             check_length(corpus, cfg.seq_len)
             if cfg.resume:
                 check_resume_format(cfg.run_path / CHECKPOINT_DIR, cfg.shard)
-            check_same_job(connect_store(job_store, timeout_s), job_identity(cfg, corpus.fingerprint, place.world_size),
-                           args.group)
+            model = check_model(cfg, corpus)
+            check_same_job(connect_store(job_store, timeout_s),
+                           job_identity(cfg, corpus.fingerprint, place.world_size, model), args.group)
             lease = GroupLease(job_store, args.group, f"{socket.gethostname()} pid {os.getpid()} at {advertise}",
                                timeout_s)
             lease.acquire()
-            write_group_run_dir(cfg, corpus)  # admitted: nothing is written by a group that is refused
-        except (ValueError, OSError, AdmissionError) as e:
+            write_group_run_dir(cfg, corpus, model)  # admitted: nothing is written by a group that is refused
+        except (ValueError, OSError, ImportError, AdmissionError) as e:
             store.set(SETUP_KEY, str(e) or type(e).__name__)
             if isinstance(e, ValueError):
                 parser.config_error(e)  # names the option when the error names its field

@@ -49,8 +49,9 @@ from .data import check_length, prepare_corpus
 from .failures import injections_dir, load_schedule, parse_injection
 from .fencing import FENCED_EXIT_CODE
 from .report import EVENTS_FILE, METRICS_DIR, MetricsWriter, read_jsonl, write_report
+from .models import check_model
 from .sharded_checkpoint import check_resume_format
-from .replica import CHECKPOINT_DIR, CORPUS_FILE, RESTART_EXIT_CODE, RESTART_REQUEST_FILE
+from .replica import CHECKPOINT_DIR, CORPUS_FILE, FINAL_DIR, MODEL_FILE, RESTART_EXIT_CODE, RESTART_REQUEST_FILE
 
 POLL_S = 0.05
 EXIT_INCOMPLETE = 1  # aborted, or ended without committing every step
@@ -393,6 +394,8 @@ class Supervisor:
             missing.append("no final checkpoint")
         if not self.tail.final_eval:
             missing.append("no final evaluation")
+        if not (self.run_dir / FINAL_DIR).is_dir():
+            missing.append(f"no final model ({FINAL_DIR}/)")
         if not self.finished:
             missing.append("no replica reached the end")
         if missing:
@@ -457,12 +460,14 @@ def _sigint_ignored():
         signal.signal(signal.SIGINT, previous)
 
 
-def prepare_run_dir(cfg: TrainConfig) -> None:
-    """Check everything a run needs before any process starts, then write the run directory.
+def prepare_run_dir(cfg: TrainConfig, *, progress: bool = False) -> None:
+    """Check everything a run needs before any process starts, then write the run directory (``progress``:
+    a progress bar while a corpus is tokenised).
 
     Bad input raises :class:`ConfigError` naming the option (``field``): injections, the failure
-    schedule, the data (and that it holds a sequence of ``seq_len``), ``--resume`` with nothing to
-    resume, a run directory that cannot be one.
+    schedule, the data (and that it holds a sequence of ``seq_len``), the model (a directory that is
+    not one, an architecture the policy cannot run, a vocabulary smaller than the corpus's, a context
+    shorter than ``seq_len``), ``--resume`` with nothing to resume, a run directory that cannot be one.
     """
     run_dir = cfg.run_path
     for spec in cfg.inject:  # fail now, not in every replica
@@ -486,14 +491,19 @@ def prepare_run_dir(cfg: TrainConfig) -> None:
                               "--run-dir")
     try:
         corpus = prepare_corpus(cfg.data, cache_dir=cfg.cache_dir, val_percent=cfg.val_percent,
-                                data_dtype=cfg.data_dtype)
+                                data_dtype=cfg.data_dtype, tokenizer=cfg.tokenizer, text_field=cfg.text_field,
+                                workers=cfg.tokenize_workers, progress=progress)
         check_length(corpus, cfg.seq_len)
-    except (ValueError, OSError) as e:
+    except ConfigError:  # names its own option (--tokenizer, --text-field)
+        raise
+    except (ValueError, OSError, ImportError) as e:  # ImportError: a format's library is not installed
         raise ConfigError("data", str(e)) from None
+    identity = check_model(cfg, corpus)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / "config.json")
         (run_dir / CORPUS_FILE).write_text(json.dumps(corpus.as_dict(), indent=2) + "\n")
+        (run_dir / MODEL_FILE).write_text(json.dumps(identity, indent=2) + "\n")
     except OSError as e:
         raise ConfigError("run_dir", f"cannot write the run directory {run_dir}: {e.strerror or e}") from None
 
@@ -504,7 +514,7 @@ def launch(cfg: TrainConfig, *, progress: bool = False, prog: str = "mecefo") ->
     Bad input raises (:func:`prepare_run_dir`) before anything starts. Once the run has started
     every end returns a result (``returncode``, ``end``) with ``summary.json`` written.
     """
-    prepare_run_dir(cfg)
+    prepare_run_dir(cfg, progress=progress)
     return _report(cfg, Supervisor(cfg, progress=progress, prog=prog).run())
 
 
@@ -523,6 +533,8 @@ def _print_result(result: RunResult, started: float, prog: str) -> None:
     print(f"metrics       {result.metrics_dir}/replica_*.jsonl  (one JSON object per step)")
     print(f"summary       {result.run_dir / 'summary.json'}")
     print(f"checkpoints   {result.run_dir / 'checkpoints'}")
+    if (result.run_dir / FINAL_DIR).is_dir():
+        print(f"final model   {result.run_dir / FINAL_DIR}  (AutoModelForCausalLM.from_pretrained loads it)")
     print(f"replica logs  {result.run_dir / 'logs'}", flush=True)
     s = result.summary
     for line in s["injections_not_fired"]:
@@ -563,7 +575,7 @@ def _run_and_print(parser: OneLineErrors, cfg: TrainConfig, progress: bool) -> i
     started = time.time()
     try:
         try:
-            prepare_run_dir(cfg)
+            prepare_run_dir(cfg, progress=progress)
         except (ValueError, OSError) as e:
             parser.config_error(e)
         supervisor = Supervisor(cfg, progress=progress, prog=parser.prog)
@@ -575,7 +587,7 @@ def _run_and_print(parser: OneLineErrors, cfg: TrainConfig, progress: bool) -> i
     return result.returncode
 
 
-DEMO = TrainConfig(run_dir="", preset="tiny", replicas=4, steps=300, seq_len=128, micro_batch=4, lr=3e-3, warmup=20,
+DEMO = TrainConfig(run_dir="", model="tiny", replicas=4, steps=300, seq_len=128, micro_batch=4, lr=3e-3, warmup=20,
                    policy="mecefo", inject=["kill@100:2"], restart_after=80, checkpoint_every=50, eval_every=50)
 
 
@@ -587,6 +599,6 @@ def demo_main(argv: list[str] | None = None) -> int:
     cfg, progress = _parse_config(parser, DEMO, argv)
     if not cfg.run_dir:
         cfg = replace(cfg, run_dir=_timestamped("demo"))
-    print(f"mecefo-demo: {cfg.replicas} replicas, preset {cfg.preset}, policy {cfg.resolved_policy.name}, {cfg.steps} steps, "
+    print(f"mecefo-demo: {cfg.replicas} replicas, model {cfg.model_name}, policy {cfg.resolved_policy.name}, {cfg.steps} steps, "
           f"injected: {', '.join(cfg.inject) or 'nothing'}; output in {cfg.run_dir}", flush=True)
     return _run_and_print(parser, cfg, progress)

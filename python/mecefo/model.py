@@ -1,30 +1,24 @@
-"""The model every replica trains: a transformers LlamaForCausalLM from a preset, and its loss.
+"""What a replica computes with its model: the loss of a micro-batch, forward + backward of its work
+items, evaluation, and hashes of the training state. (Where the model comes from: :mod:`mecefo.models`.)
 
-Every replica builds its initial weights from the same seed, so they start identical without
-any communication. The loss is the mean next-token cross-entropy over one shard's tokens;
-shards have equal token counts, so the mean of the shard losses is the full-batch loss.
+The loss is the mean next-token cross-entropy over a micro-batch's tokens; every sequence has the
+same number of tokens, so a shard's loss is the mean of its micro-batches' losses weighted by their
+sequences, and the mean of the shard losses is the full-batch loss.
+
+Precision: the weights and the optimizer state are the master dtype (:func:`mecefo.models.master_dtype`);
+with ``--dtype bfloat16`` the forward runs under ``torch.autocast`` in bf16 (on CPU and CUDA), and the
+gradients land in the master dtype.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 
 import torch
 import torch.nn.functional as F
 
 from .config import TrainConfig
-from .presets import get_preset
-
-TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
-
-
-def build_model(cfg: TrainConfig, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """The preset's model with seeded initial weights (built on the CPU, so every device gets the same)."""
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(cfg.seed)
-    model = LlamaForCausalLM(get_preset(cfg.preset).to_llama_config())
-    return model.to(device=device, dtype=TORCH_DTYPES[cfg.dtype])
 
 
 def replica_device(cfg: TrainConfig, replica: int) -> torch.device:
@@ -35,47 +29,78 @@ def replica_device(cfg: TrainConfig, replica: int) -> torch.device:
     return torch.device("cuda", replica % torch.cuda.device_count())
 
 
+def compute_context(cfg: TrainConfig, device: torch.device | str):
+    """A context manager factory for the forward passes: bf16 autocast for --dtype bfloat16, else nothing."""
+    if cfg.dtype != "bfloat16":
+        return contextlib.nullcontext
+    device_type = torch.device(device).type
+    return lambda: torch.autocast(device_type, dtype=torch.bfloat16)
+
+
+def logits_of(output) -> torch.Tensor:
+    """A model's logits: transformers' output object, or a factory model's tensor / ``.logits``."""
+    return output if isinstance(output, torch.Tensor) else output.logits
+
+
 def shard_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of next-token prediction; inputs, targets: [batch, seq] int64."""
-    logits = model(input_ids=inputs, use_cache=False).logits
+    config = getattr(model, "config", None)
+    kwargs = {"use_cache": False} if getattr(config, "use_cache", None) is not None else {}
+    logits = logits_of(model(input_ids=inputs, **kwargs))
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
-def run_work(model: torch.nn.Module, path, batches, step: int, items, device: torch.device | str) -> tuple[float, float]:
-    """Forward + backward of each work item (:class:`mecefo.membership.WorkItem`) as its own
-    micro-batch, gradients accumulated into ``.grad``; returns (sum of the weighted losses, shards run).
+def micro_batches(item, size: int):
+    """``(start, stop)`` of each micro-batch of at most ``size`` sequences that a work item runs as."""
+    for start in range(item.start, item.stop, size):
+        yield start, min(start + size, item.stop)
+
+
+def run_work(model: torch.nn.Module, path, batches, step: int, items, device: torch.device | str, *,
+             micro_batch: int | None = None, compute=contextlib.nullcontext) -> tuple[float, float]:
+    """Forward + backward of each work item (:class:`mecefo.membership.WorkItem`) in micro-batches of at most
+    ``micro_batch`` sequences (None: each item whole), gradients accumulated into ``.grad``; returns (sum of
+    the weighted losses, shards run).
 
     An item in neighbour mode runs its forward inside ``path.context`` (its backward follows the
-    mode of its forward). An item of ``s`` of a shard's ``m`` sequences weighs ``s / m``, so the
+    mode of its forward). A micro-batch of ``s`` of a shard's ``m`` sequences weighs ``s / m``, so the
     replicas' gradient sums divided by the plan's normalisers (counted in shards) are means over
-    sequences; a whole shard weighs 1 and is not multiplied at all (failure-free training stays
-    bit-identical to plain data parallelism).
+    sequences; a whole shard in one micro-batch weighs 1 and is not multiplied at all (failure-free
+    training without accumulation stays bit-identical to plain data parallelism).
     """
     m = batches.micro_batch
     loss_sum = shards = 0.0
     for item in items:
-        inputs, targets = batches.batch(step, item.shard, item.start, item.stop)
-        with path.context(model, item.mode == "neighbour"):
-            loss = shard_loss(model, inputs.to(device), targets.to(device))
-        weight = item.sequences / m
-        (loss if item.sequences == m else loss * weight).backward()
-        loss_sum += loss.item() * weight
-        shards += weight
+        for start, stop in micro_batches(item, micro_batch or item.sequences):
+            inputs, targets = batches.batch(step, item.shard, start, stop)
+            with path.context(model, item.mode == "neighbour"), compute():
+                loss = shard_loss(model, inputs.to(device), targets.to(device))
+            weight = (stop - start) / m
+            (loss if stop - start == m else loss * weight).backward()
+            loss_sum += loss.item() * weight
+            shards += weight
     return loss_sum, shards
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches, count: int) -> float:
-    """Mean validation loss over ``count`` fixed validation micro-batches."""
+def evaluate(model: torch.nn.Module, batches, count: int, *, micro_batch: int | None = None,
+             compute=contextlib.nullcontext) -> float:
+    """Mean validation loss over ``count`` fixed validation batches, each run in micro-batches of at most
+    ``micro_batch`` sequences."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     total = 0.0
     for i in range(count):
         inputs, targets = batches.val_batch(i)
-        total += shard_loss(model, inputs.to(device), targets.to(device)).item()
+        rows = inputs.shape[0]
+        size = micro_batch or rows
+        for start in range(0, rows, size):
+            with compute():
+                loss = shard_loss(model, inputs[start:start + size].to(device), targets[start:start + size].to(device))
+            total += loss.item() * min(size, rows - start) / rows
     model.train(was_training)
     return total / count
 

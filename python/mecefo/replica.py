@@ -48,9 +48,9 @@ from .failures import Injector, load_schedule, parse_injection
 from .costs import WorkCosts, neighbour_flop_ratio
 from .fencing import FENCED_EXIT_CODE, ROOT_LINEAGE, CommitLedger, Fenced, next_lineage
 from .membership import plan_step
-from .model import build_model, evaluate, optimizer_hash, parameter_hash, replica_device
+from .model import compute_context, evaluate, optimizer_hash, parameter_hash, replica_device
+from .models import ModelSource, build_model, export_model, model_vocab, resolve_model_source
 from .neighbor import neighbor_path, refresh_due
-from .presets import get_preset
 from .optim import build_optimizer, lr_at, set_lr
 from .quorum import LOOPBACK, Membership, connect_store
 from .ranks import GroupBatches, GroupFailed, IntraGroup, rank_items
@@ -61,16 +61,21 @@ from .sync import GradientSync
 RESTART_EXIT_CODE = 75  # policy restart: this replica asks the supervisor to restart the whole job
 CHECKPOINT_DIR = "checkpoints"
 CORPUS_FILE = "corpus.json"
+MODEL_FILE = "model.json"  # the model's identity (mecefo.models.model_identity), written before any replica starts
+FINAL_DIR = "final"  # the trained model, from_pretrained-loadable (mecefo.models.export_model)
 RESTART_REQUEST_FILE = "restart_request.json"
 
 
-def work_costs(cfg: TrainConfig) -> WorkCosts:
-    """The per-sequence costs every replica plans with: --neighbour-cost, else the model's FLOP ratio."""
+def work_costs(cfg: TrainConfig, source: ModelSource) -> WorkCosts:
+    """The per-sequence costs every replica plans with: --neighbour-cost, else the model's FLOP ratio (a
+    factory model has no known shape: the default ratio)."""
     if cfg.neighbour_cost is not None:
         return WorkCosts(neighbour=cfg.neighbour_cost)
+    if source.shape is None:
+        return WorkCosts()
     from mecefo_kernels.nn.decoder import DEFAULT_RANK
 
-    return WorkCosts(neighbour=neighbour_flop_ratio(get_preset(cfg.preset), cfg.seq_len, cfg.rank or DEFAULT_RANK))
+    return WorkCosts(neighbour=neighbour_flop_ratio(source.shape, cfg.seq_len, cfg.rank or DEFAULT_RANK))
 
 
 def rank_metrics_path(run_dir: Path, replica: int, rank: int) -> Path:
@@ -114,20 +119,26 @@ class Replica:
         self.backends = local_backends(self.device.type)  # gloo on CPU, NCCL with CUDA (mecefo.backends)
         self.policy = cfg.resolved_policy
         self.path = neighbor_path(self.policy, rank=cfg.rank, tau=cfg.tau, basis=cfg.basis)
-        self.costs = work_costs(cfg)
+        self.source = resolve_model_source(cfg, corpus_vocab=corpus.vocab,
+                                           tokenised=corpus.tokenizer is not None)
+        self.model_identity = json.loads((self.run_dir / MODEL_FILE).read_text())
+        self.costs = work_costs(cfg, self.source)
         # how this group holds the model: whole on every rank, or FSDP2 shards (mecefo.sharding)
         self.holding = model_holding(cfg.shard, ranks, self.device, cfg.dtype, cfg.timeout_s)
-        self.model = self.holding.wrap(self.path.prepare(build_model(cfg, self.device)))
+        self.model = self.holding.wrap(self.path.prepare(build_model(cfg, self.device, self.source)))
         self.model.train()
+        self.compute = compute_context(cfg, self.device)
         n_params = sum(p.numel() for p in self.model.parameters())
         self.hash_state = cfg.hash_state if cfg.hash_state is not None else n_params < HASH_STATE_MAX_PARAMS
-        self.batches = Batches(corpus, seq_len=cfg.seq_len, micro_batch=cfg.micro_batch, seed=cfg.seed,
-                               vocab_size=self.model.config.vocab_size)
+        # a shard is grad_accum micro-batches: the data of a shard is drawn whole, run micro-batch by micro-batch
+        self.batches = Batches(corpus, seq_len=cfg.seq_len, micro_batch=cfg.sequences_per_shard, seed=cfg.seed,
+                               vocab_size=model_vocab(self.model) or corpus.vocab)
         if ranks.world_size > 1:  # a group shard is G data shards (mecefo.ranks)
             self.batches = GroupBatches(self.batches, ranks.world_size)
         self.optimizer = build_optimizer(self.model, cfg)
         self.sync = GradientSync(self.model, self.path.skipped_parameters(self.model),
-                                 bucket_bytes=int(cfg.bucket_mb * (1 << 20)))
+                                 bucket_bytes=int(cfg.bucket_mb * (1 << 20)),
+                                 wire_dtype=torch.bfloat16 if cfg.reduce_dtype == "bfloat16" else None)
         # the job's low-rank bases (the same on every replica: see mecefo.neighbor): the step they were
         # computed at, and whether the last committed step ran neighbour-mode work
         self.bases_step: int | None = None
@@ -162,7 +173,7 @@ class Replica:
         return {**self.holding.transfer_state(self.model, self.optimizer),
                 "bases": self.path.bases_state(self.model) if has_bases else {},
                 "trainer": {"step": step, "data_position": step, "lr": lr_at(step, self.cfg),
-                            "corpus": self.corpus.fingerprint, "bases_step": self.bases_step if has_bases else -1,
+                            "corpus": self.corpus.fingerprint, "model": self.model_identity, "bases_step": self.bases_step if has_bases else -1,
                             "episode_open": self.episode_open, "lineage": self.lineage}}
 
     def load_state_dict(self, state: dict) -> None:
@@ -175,6 +186,9 @@ class Replica:
         if trainer["corpus"] != self.corpus.fingerprint:
             raise RuntimeError(f"replica {self.replica}: received state trained on corpus {trainer['corpus'][:12]}, "
                                f"but this replica has corpus {self.corpus.fingerprint[:12]}")
+        if trainer.get("model", self.model_identity) != self.model_identity:
+            raise RuntimeError(f"replica {self.replica}: received state of model {trainer['model']}, but this replica "
+                               f"trains {self.model_identity}")
 
     def _load_trainer_state(self, state: dict) -> None:
         """What a state holds besides the model and optimizer: lineage, bases, the failure episode."""
@@ -314,7 +328,8 @@ class Replica:
 
         t0 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum, shards = self.holding.run_work(self.model, self.path, self.batches, step, group_items, self.device)
+        loss_sum, shards = self.holding.run_work(self.model, self.path, self.batches, step, group_items, self.device,
+                                                 micro_batch=cfg.micro_batch, compute=self.compute)
         compute_s = time.perf_counter() - t0
 
         t1 = time.perf_counter()
@@ -404,12 +419,26 @@ class Replica:
             if self.ranks.rank == 0:
                 self.metrics.write(event="checkpoint", replica=self.replica, step=done, path=str(saved.path),
                                    bytes=saved.nbytes, seconds=saved.seconds)
+        if done == cfg.steps:
+            self._export(done)
         if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
             self._evaluate(done)
 
+    def _export(self, done: int) -> None:
+        """The trained model as a from_pretrained-loadable directory, RUN_DIR/final (mecefo.models.export_model)."""
+        t0 = time.perf_counter()
+        weights = self.holding.full_state_dict(self.model)  # sharded: gathered by every rank of the group
+        if self.ranks.rank != 0:
+            return
+        out = export_model(weights, self.cfg, self.run_dir / FINAL_DIR, source=self.source, step=done,
+                           lineage=self.lineage)
+        self.metrics.write(event="export", replica=self.replica, step=done, path=str(out),
+                           seconds=time.perf_counter() - t0)
+
     def _evaluate(self, done: int) -> None:
         t0 = time.perf_counter()
-        val = evaluate(self.model, self.batches, self.cfg.eval_batches)
+        val = evaluate(self.model, self.batches, self.cfg.eval_batches, micro_batch=self.cfg.micro_batch,
+                       compute=self.compute)
         if self.ranks.rank != 0:
             return
         self.metrics.write(event="eval", replica=self.replica, step=done, val_loss=val,

@@ -356,7 +356,8 @@ def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
     ax_tput.set_ylabel("tokens / s")
     ax_tput.set_xlabel("step")
     ax_loss.legend(loc="upper right")
-    ax_loss.set_title(f"{config['preset']}  x{config['replicas']} replicas  policy {config['policy']}")
+    model = config.get("model") or config.get("preset") or config.get("model_factory") or "tiny"
+    ax_loss.set_title(f"{Path(model).name}  x{config['replicas']} replicas  policy {config['policy']}")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -129,10 +129,12 @@ class Replicated:
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
 
-    def run_work(self, model, path, batches, step: int, items, device) -> tuple[float, float]:
-        """Forward + backward of this rank's pieces of the group's work ``items``: (loss sum, shards run)."""
+    def run_work(self, model, path, batches, step: int, items, device, *, micro_batch: int | None = None,
+                 compute=contextlib.nullcontext) -> tuple[float, float]:
+        """Forward + backward of this rank's pieces of the group's work ``items`` in micro-batches of at most
+        ``micro_batch`` sequences (:func:`mecefo.model.run_work`): (loss sum, shards run)."""
         return run_work(model, path, batches, step, rank_items(items, self.ranks.rank, self.ranks.world_size),
-                        device)
+                        device, micro_batch=micro_batch, compute=compute)
 
     def reduce_in_group(self, sync, contributes: bool) -> None:
         """Sum the gradients over the group's ranks (every rank takes part, with zeros if it ran nothing)."""
@@ -253,21 +255,24 @@ class FullyShardedGroup(Replicated):
             raise GroupFailed(f"rank {self.ranks.rank}: a rank of this group is gone during {what} "
                               f"({str(e).splitlines()[0][:200]}); the group stops and is restarted as a whole") from None
 
-    def run_work(self, model, path, batches, step: int, items, device) -> tuple[float, float]:
-        """Every rank runs one pass per group work item, in the item's mode: its piece, or an idle pass when
-        its piece is empty (module docstring), so the group's FSDP2 collectives match. (Were a piece ever run
-        as several micro-batches, every rank would have to run as many passes as the largest piece: the
-        same rule, padded with idle passes.)"""
+    def run_work(self, model, path, batches, step: int, items, device, *, micro_batch: int | None = None,
+                 compute=contextlib.nullcontext) -> tuple[float, float]:
+        """Every rank runs as many passes per group work item as the rank with the largest piece (rank 0), each
+        in the item's mode: its piece's micro-batches, then idle passes (module docstring), so the group's
+        FSDP2 collectives match."""
         loss_sum = shards = 0.0
         with self._collectives("forward/backward"):
             for item in items:
+                passes = _passes(rank_items([item], 0, self.ranks.world_size)[0].sequences, micro_batch)
                 piece = rank_items([item], self.ranks.rank, self.ranks.world_size)
                 if piece:
-                    loss, weight = run_work(model, path, batches, step, piece, device)
+                    loss, weight = run_work(model, path, batches, step, piece, device, micro_batch=micro_batch,
+                                            compute=compute)
                     loss_sum += loss
                     shards += weight
-                else:
-                    _idle_pass(model, path, batches, step, item, device)
+                    passes -= _passes(piece[0].sequences, micro_batch)
+                for _ in range(passes):
+                    _idle_pass(model, path, batches, step, item, device, compute)
         return loss_sum, shards
 
     def reduce_in_group(self, sync, contributes: bool) -> None:
@@ -356,11 +361,16 @@ def as_shard_of(param: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
                               stride=param.stride())
 
 
-def _idle_pass(model, path, batches, step: int, item: WorkItem, device) -> None:
+def _passes(sequences: int, micro_batch: int | None) -> int:
+    """Forward/backward passes a piece of ``sequences`` sequences runs as (:func:`mecefo.model.micro_batches`)."""
+    return 1 if micro_batch is None else -(-sequences // micro_batch)
+
+
+def _idle_pass(model, path, batches, step: int, item: WorkItem, device, compute=contextlib.nullcontext) -> None:
     """A pass that contributes nothing (its loss times 0) but runs the same collectives as the group's other
     ranks' passes on ``item``: forward and backward of the item's first sequence in the item's mode."""
     inputs, targets = batches.batch(step, item.shard, item.start, item.start + 1)
-    with path.context(model, item.mode == "neighbour"):
+    with path.context(model, item.mode == "neighbour"), compute():
         loss = shard_loss(model, inputs.to(device), targets.to(device))
     (loss * 0.0).backward()
 

@@ -51,9 +51,13 @@ class GradientSync:
         skipped: names of the parameters the neighbour path leaves without a gradient
             (attention and input_layernorm under MeCeFO); they use ``Normalisers.attention``.
         bucket_bytes: the largest all-reduce message.
+        wire_dtype: the dtype the buckets are all-reduced in (None: the gradients' own); the sums are
+            cast back to the gradients' dtype (bf16 halves the traffic and rounds each sum to bf16).
     """
 
-    def __init__(self, model: torch.nn.Module, skipped: Iterable[str] = (), bucket_bytes: int = 64 << 20):
+    def __init__(self, model: torch.nn.Module, skipped: Iterable[str] = (), bucket_bytes: int = 64 << 20,
+                 wire_dtype: torch.dtype | None = None):
+        self.wire_dtype = wire_dtype
         self.params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         names = {name for name, _ in self.params}
         skipped = set(skipped)
@@ -84,7 +88,12 @@ class GradientSync:
                 grad = local_shard(p.grad) if contributes and p.grad is not None else torch.zeros_like(local_shard(p))
                 parts.append(grad.reshape(-1))
             flat = torch.cat(parts)
-            if not allreduce(flat):
+            if self.wire_dtype is not None and self.wire_dtype != flat.dtype:
+                wire = flat.to(self.wire_dtype)
+                if not allreduce(wire):
+                    return False
+                flat = wire.to(flat.dtype)
+            elif not allreduce(flat):
                 return False
             offset = 0
             for i in bucket:

@@ -1,6 +1,7 @@
 """The patch API: ranks, bases and their refresh, what it refuses, other families, checkpointing, torch.compile."""
 
 import copy
+import warnings
 
 import llama_math as lm
 import pytest
@@ -118,6 +119,46 @@ def test_gemma_norm_is_refused():
         mk.apply_mecefo(transformers.GemmaForCausalLM(config))
 
 
+def test_granite_residual_multiplier_is_refused():
+    """Granite scales each residual branch (h = x + attn(.) * m): the neighbour path's h = x + attn(.) would
+    be silently wrong."""
+    config = transformers.GraniteConfig(vocab_size=67, hidden_size=48, intermediate_size=80, num_hidden_layers=1,
+                                        num_attention_heads=4, residual_multiplier=0.22)
+    with pytest.raises(ValueError, match="residual_multiplier=0.22"):
+        mk.apply_mecefo(transformers.GraniteForCausalLM(config))
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (dict(), None),
+    (dict(mlp_bias=True), "mlp.gate_proj has a bias"),
+    (dict(hidden_act="gelu"), "act_fn .* is not SiLU"),
+])
+def test_layers_on_the_meta_device_are_checked_too(overrides, match):
+    """A model built on the meta device (checked before it is built for real, as the trainer does): the
+    activation and the norm are probed on CPU copies."""
+    from mecefo_kernels.nn.decoder import check_decoder_layer
+
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(lm.tiny_config(**overrides))
+    layer = model.model.layers[0]
+    if match is None:
+        check_decoder_layer(layer)
+        return
+    with pytest.raises(ValueError, match=match):
+        check_decoder_layer(layer)
+
+
+def test_gemma_norm_is_refused_on_the_meta_device():
+    config = transformers.GemmaConfig(vocab_size=67, hidden_size=48, intermediate_size=80, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=12, hidden_act="silu")
+    from mecefo_kernels.nn.decoder import check_decoder_layer
+
+    with torch.device("meta"):
+        model = transformers.GemmaForCausalLM(config)
+    with pytest.raises(ValueError, match="post_attention_layernorm .*does not compute"):
+        check_decoder_layer(model.model.layers[0])
+
+
 def test_models_without_decoder_layers_are_refused():
     with pytest.raises(ValueError, match="Linear has no decoder layers"):
         mk.apply_mecefo(nn.Linear(4, 4))
@@ -213,6 +254,22 @@ def test_transformers_4_is_refused(monkeypatch):
     monkeypatch.setattr(mk.hf, "transformers_version", lambda: "4.57.1")
     with pytest.raises(RuntimeError, match="needs transformers >= 5"):
         mk.apply_mecefo(lm.tiny_model())
+
+
+def test_a_transformers_release_outside_the_allowed_range_warns(monkeypatch):
+    """A release pip would not install with this package (the next minor past pyproject.toml's bound) is
+    not used silently; one inside the range gives no warning."""
+    (_, _), (major, minor) = mk.hf.TRANSFORMERS_RANGE
+    monkeypatch.setattr(mk.hf, "transformers_version", lambda: f"{major}.{minor}.0")
+    with pytest.warns(UserWarning, match=rf"transformers {major}\.{minor}\.0 is outside the range .*"
+                                         rf"transformers>=5\.\d+,<{major}\.{minor}") as caught:
+        mk.apply_mecefo(lm.tiny_model())
+    assert len(caught) == 1 and caught[0].filename == __file__  # once per call, pointing at the caller
+    monkeypatch.setattr(mk.hf, "transformers_version", lambda: f"{major}.{minor - 1}.3")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mk.apply_mecefo(lm.tiny_model())
+    assert not [w for w in caught if "outside the range" in str(w.message)]
 
 
 def top_energy(matrix: torch.Tensor, rank: int) -> float:

@@ -1,42 +1,34 @@
-"""pip install works with CPU torch, with MECEFO_SKIP_EXT=1 and with a broken extension, and
-`import mecefo_kernels` never breaks; what is missing is explained by the backend errors."""
-
-import json
+"""pip install works from the source distribution with CPU torch, with MECEFO_SKIP_EXT=1 and with a broken
+extension, and `import mecefo_kernels` never breaks; what is missing is explained by the backend errors."""
 
 import pytest
-from packaging_helpers import build_wheel, copy_source, install_to, run_python, wheel_names
+from packaging_helpers import build_sdist, build_wheel, copy_source, install_and_check, sdist_names, wheel_names
 
 pytestmark = pytest.mark.slow
 
-CHECK = """
-import json, torch, mecefo_kernels as mk
-from mecefo_kernels import info
-assert mk.__file__.startswith({target!r}), mk.__file__
-report = info.collect()
-x, w = torch.randn(6, 16), torch.randn(16)
-ref = mk.rms_norm(x, w, backend="torch")
-result = {{"extension": report["extension"], "auto_cpu": report["families"]["rmsnorm"]["cpu"]["auto"]}}
-try:
-    torch.testing.assert_close(mk.rms_norm(x, w, backend="cpu"), ref)
-    result["cpu_backend"] = "ok"
-except mk.BackendUnavailableError as exc:
-    result["cpu_backend"] = str(exc)
-torch.testing.assert_close(mk.rms_norm(x, w), ref)
-print(json.dumps(result))
-"""
+
+def build_inputs(tree):
+    """Every file the build reads: csrc/ (setup.py compiles its .cpp and .cu, which include its headers;
+    CMakeLists.txt builds them too) and the Python packages, listed from the tree itself."""
+    files = {p for p in tree.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    wanted = {p for p in files if p.relative_to(tree).parts[0] == "csrc"}
+    wanted |= {p for p in files if p.suffix == ".py" and p.relative_to(tree).parts[0] in ("mecefo_kernels", "python")}
+    wanted |= {tree / name for name in ("setup.py", "pyproject.toml", "CMakeLists.txt", "README.md")}
+    return {str(p.relative_to(tree)) for p in wanted}
 
 
-def install_and_check(tmp_path, wheel_dir):
-    target = tmp_path / "site"
-    install_to(wheel_dir, target)
-    proc = run_python(CHECK.format(target=str(target)), target, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def test_cpu_torch_builds_the_compiled_cpu_ops(tmp_path):
+def test_the_sdist_builds_the_compiled_cpu_ops(tmp_path):
+    """What a user installing from a package index gets: sdist -> wheel (MECEFO_REQUIRE_EXT=1, so a missing
+    header fails the build instead of installing without _C) -> installed and imported elsewhere."""
     src = copy_source(tmp_path / "src")
-    proc = build_wheel(src, tmp_path / "wheels")
+    sdist = build_sdist(src, tmp_path / "sdist")
+    inputs = build_inputs(src)
+    assert {"csrc/ops.cpp", "csrc/checks.h", "csrc/swiglu.cu", "mecefo_kernels/__init__.py",
+            "python/mecefo/__init__.py"} <= inputs
+    missing = inputs - sdist_names(sdist)
+    assert not missing, f"the sdist lacks {sorted(missing)} (MANIFEST.in)"
+    assert not any(n.endswith((".so", ".o", "_build_info.json")) for n in sdist_names(sdist)), sdist_names(sdist)
+    proc = build_wheel(sdist, tmp_path / "wheels", MECEFO_REQUIRE_EXT="1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     names = wheel_names(tmp_path / "wheels")
     assert any(n.startswith("mecefo_kernels/_C") and n.endswith(".so") for n in names), names

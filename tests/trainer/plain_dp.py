@@ -21,7 +21,8 @@ import torch.distributed as dist  # noqa: E402
 
 from mecefo.config import TrainConfig  # noqa: E402
 from mecefo.data import Batches, CorpusFiles  # noqa: E402
-from mecefo.model import build_model, parameter_hash, shard_loss  # noqa: E402
+from mecefo.model import parameter_hash, shard_loss  # noqa: E402
+from mecefo.models import build_model  # noqa: E402
 from mecefo.optim import build_optimizer, lr_at, set_lr  # noqa: E402
 
 

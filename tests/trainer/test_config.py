@@ -16,7 +16,9 @@ def test_json_round_trip(tmp_path):
 
 @pytest.mark.parametrize("overrides,message", [
     (dict(policy="bamboo"), "policy must be one of mecefo, ndb-exact, shrink, restart"),
-    (dict(preset="llama-3b"), "unknown model preset 'llama-3b'"),
+    (dict(model="tiny", model_factory="my_models:build"), "--model and --model-factory are exclusive"),
+    (dict(init="scratch"), "init must be one of random, pretrained"),
+    (dict(grad_accum=0), "grad_accum must be >= 1, got 0"),
     (dict(dtype="float16"), "dtype must be one of"),
     (dict(device="tpu"), "device must be one of cpu, cuda"),
     (dict(replicas=0), "replicas must be >= 1, got 0"),
@@ -81,6 +83,17 @@ def short_text(tmp_path):
     (["--resume"], "argument --resume: needs --run-dir naming the run to continue"),
     (["--resume", "--run-dir", "{tmp}/absent"], "argument --resume: {tmp}/absent does not exist: nothing to resume"),
     (["--run-dir", "{tmp}/short.txt"], "argument --run-dir: {tmp}/short.txt exists and is not a directory"),
+    (["--model", "meta-llama/Llama-3.2-1B"], "--model 'meta-llama/Llama-3.2-1B' is not a local directory, and "
+                                             "nothing is downloaded at run time"),
+    (["--model", "{tmp}/short.txt"], "--model {tmp}/short.txt: not a directory"),
+    (["--preset", "llama-3b"], "--model 'llama-3b' is neither a preset (tiny, small"),
+    (["--init", "pretrained"], "--init pretrained: preset 'tiny' has no weights"),
+    (["--model-factory", "no_such_module:build"], "--model-factory 'no_such_module:build': cannot import "
+                                                  "no_such_module: ModuleNotFoundError"),
+    (["--model", "tiny", "--model-factory", "m:f"], "argument --model-factory: --model and --model-factory are exclusive"),
+    (["--grad-accum", "0"], "argument --grad-accum: must be >= 1, got 0"),
+    (["--reduce-dtype", "bfloat16"], "argument --reduce-dtype: bfloat16 needs --dtype bfloat16 and "
+                                     "--device cuda"),
     (["--data", "{tmp}/short.txt", "--seq-len", "64"], "argument --data: the train split of 1 text file(s) under "
                                                        "{tmp} (byte-level) has 49 tokens, fewer than seq_len + 2 = 66"),
 ])

@@ -21,7 +21,7 @@ import fidelity  # noqa: E402
 from mecefo.checkpoint import list_checkpoints, read_checkpoint  # noqa: E402
 from mecefo.config import TrainConfig  # noqa: E402
 from mecefo.data import Batches, CorpusFiles  # noqa: E402
-from mecefo.model import build_model  # noqa: E402
+from mecefo.models import build_model  # noqa: E402
 from mecefo.neighbor import MeCeFOPath  # noqa: E402
 from mecefo.probe import probe, single_failure_plan  # noqa: E402
 from mecefo.report import read_metrics  # noqa: E402

@@ -28,7 +28,7 @@ from trainer_runs import FAST, check_replicas_agree, final_model, relative_diffe
 pytestmark = pytest.mark.slow
 LIGHTHOUSE_HOST = "127.0.0.5"
 # the job's options, as mecefo.group takes them (FAST's, less what a group job sets itself)
-GROUP_OPTIONS = dict(preset="tiny", dtype="float64", seq_len=16, micro_batch=2, warmup=5, lr=1e-3,
+GROUP_OPTIONS = dict(model="tiny", dtype="float64", seq_len=16, micro_batch=2, warmup=5, lr=1e-3,
                      checkpoint_every=0, eval_batches=2, heartbeat_timeout=1.5, timeout=4.0, quorum_timeout=60.0)
 
 
@@ -254,11 +254,11 @@ def test_bad_group_configurations_are_one_line_errors(tmp_path, cluster):
         assert time.monotonic() < deadline and first.poll() is None, "group 0 did not start"
         time.sleep(0.2)
     twin = cluster.start_group(0, 2, tmp_path / "twin", steps=400)
-    other = cluster.start_group(1, 2, tmp_path / "other", steps=400, preset="small", nproc=1)
+    other = cluster.start_group(1, 2, tmp_path / "other", steps=400, model="small", nproc=1)
     line = _group_error(cluster, twin)
     assert "group 0 is already running" in line and "--group 0" in line
     line = _group_error(cluster, other)
     assert "group 1 does not match the job" in line
-    assert "preset 'small' here, 'tiny' in the job (--preset)" in line
+    assert "model 'architecture LlamaForCausalLM, config " in line and "in the job (--model)" in line
     assert "ranks_per_group 1 here, 2 in the job (--nproc-per-node / WORLD_SIZE)" in line
     assert first.poll() is None, "the job's group is not disturbed"

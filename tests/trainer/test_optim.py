@@ -5,7 +5,7 @@ import math
 import pytest
 
 from mecefo.config import TrainConfig
-from mecefo.model import build_model
+from mecefo.models import build_model
 from mecefo.optim import build_optimizer, lr_at
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from mecefo.checkpoint import read_checkpoint
-from mecefo.model import build_model
+from mecefo.models import build_model
 from mecefo.optim import build_optimizer
 from mecefo.report import read_jsonl, read_metrics
 from mecefo.sharded_checkpoint import list_sharded, read_sharded_checkpoint

@@ -10,7 +10,8 @@ import torch
 
 import mecefo_kernels as mk
 from mecefo.config import TrainConfig
-from mecefo.model import build_model, shard_loss
+from mecefo.model import shard_loss
+from mecefo.models import build_model
 from mecefo.sharded_basis import ShardedBasis
 from mecefo.sharding import FullyShardedGroup, planned_state_bytes, preset_shapes, shard_rows, state_bytes
 from sharded_group import run_group
@@ -86,7 +87,7 @@ def _full(t):
 def _neighbour_step(group, basis_source):
     """Neighbour mode on a sharded tiny LLaMA vs the same model unsharded, on the same batch: the bases
     (from the weights, or from AdamW's first moments after two updates), the gradients, one clipped update."""
-    cfg = TrainConfig(run_dir="unused", preset="tiny", dtype="float64")
+    cfg = TrainConfig(run_dir="unused", model="tiny", dtype="float64")
     reference = mk.apply_mecefo(build_model(cfg), rank=6, basis=basis_source)
     holding = _fsdp(group)
     model = holding.wrap(mk.apply_mecefo(copy.deepcopy(reference), rank=6, basis=basis_source))
@@ -139,7 +140,7 @@ def test_neighbour_mode_under_fsdp_equals_unsharded_neighbour_mode(basis_source)
     whose clip uses the global norm over the shards."""
     results = run_group(_neighbour_step, 2, basis_source)
     skipped = set(mk.neighbor_skipped_parameters(mk.apply_mecefo(build_model(
-        TrainConfig(run_dir="unused", preset="tiny", dtype="float64")), rank=6)))
+        TrainConfig(run_dir="unused", model="tiny", dtype="float64")), rank=6)))
     for distance, sources, grads, expected, params, ref_params in results:
         assert distance < 1e-9
         assert all(s == (basis_source,) * 3 for s in sources)
@@ -152,7 +153,7 @@ def test_neighbour_mode_under_fsdp_equals_unsharded_neighbour_mode(basis_source)
 
 
 def _bytes_after_a_step(group, preset):
-    cfg = TrainConfig(run_dir="unused", preset=preset, dtype="float32")
+    cfg = TrainConfig(run_dir="unused", model=preset, dtype="float32")
     model = _fsdp(group, "float32").wrap(build_model(cfg))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
     x = torch.randint(0, 256, (1, 9))
@@ -197,7 +198,7 @@ def _group_work(group):
     from mecefo.membership import WorkItem
     from mecefo.neighbor import MeCeFOPath
 
-    cfg = TrainConfig(run_dir="unused", preset="tiny", dtype="float64")
+    cfg = TrainConfig(run_dir="unused", model="tiny", dtype="float64")
     path = MeCeFOPath(rank=6, tau=10, basis="weight")
     reference = path.prepare(build_model(cfg))
     holding = _fsdp(group)
@@ -220,7 +221,7 @@ def test_every_rank_runs_a_pass_per_work_item_even_without_a_piece():
 
     results = run_group(_group_work, 2)
     path = MeCeFOPath(rank=6, tau=10, basis="weight")
-    reference = path.prepare(build_model(TrainConfig(run_dir="unused", preset="tiny", dtype="float64")))
+    reference = path.prepare(build_model(TrainConfig(run_dir="unused", model="tiny", dtype="float64")))
     items = [WorkItem(0, 0, 1), WorkItem(1, 1, 4), WorkItem(2, 2, 3, "neighbour"), WorkItem(0, 1, 4, "neighbour")]
     for item in items:  # each piece is its own micro-batch, as the ranks run them: loss of the mean per piece
         for start, stop in ((item.start, item.start + (item.sequences + 1) // 2),

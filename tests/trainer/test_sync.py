@@ -23,7 +23,8 @@ import torch
 from mecefo.config import TrainConfig
 from mecefo.data import Batches, prepare_corpus
 from mecefo.membership import plan_step
-from mecefo.model import build_model, run_work, shard_loss
+from mecefo.model import run_work, shard_loss
+from mecefo.models import build_model
 from mecefo.neighbor import neighbor_path
 from mecefo.policy import PRESETS
 from mecefo.sync import GradientSync

@@ -13,7 +13,8 @@ from mecefo.config import TrainConfig
 from mecefo.data import Batches, CorpusFiles
 from mecefo.launch import RunResult, launch
 from mecefo.membership import plan_step
-from mecefo.model import build_model, shard_loss
+from mecefo.model import shard_loss
+from mecefo.models import build_model
 from mecefo.optim import build_optimizer, lr_at, set_lr
 from mecefo.report import committed_steps, read_metrics, step_series
 
@@ -21,7 +22,7 @@ from mecefo.report import committed_steps, read_metrics, step_series
 # that "equal to the reference" can mean 1e-12; failures detected within a second. lr 1e-3:
 # at 3e-3 this tiny model goes through a loss spike near step 25 that amplifies a one-ulp
 # perturbation of the full-batch run itself to 1e-8, so no exact comparison could survive it.
-FAST = dict(preset="tiny", dtype="float64", seq_len=16, micro_batch=2, warmup=5, lr=1e-3, replicas=4,
+FAST = dict(model="tiny", dtype="float64", seq_len=16, micro_batch=2, warmup=5, lr=1e-3, replicas=4,
             checkpoint_every=0, eval_batches=2, heartbeat_timeout_s=1.5, timeout_s=4.0, quorum_timeout_s=60.0,
             restart_after=0, max_wall_s=150.0, threads=1)
 

@@ -1,8 +1,8 @@
 """Kernel microbenchmarks: every op, forward / backward / full, each live provider side by side.
 
-    python bench/kernels.py                 # GPU if present (bf16), else a quick CPU run (fp32)
-    python bench/kernels.py --ops rmsnorm --presets llama-1b --tokens 4096 8192
-    python bench/kernels.py --ops swiglu_ffn --presets llama-350m llama-1b llama-7b --tokens 4096 16384
+    python bench/kernel_bench.py            # GPU if present (bf16), else a quick CPU run (fp32)
+    python bench/kernel_bench.py --ops rmsnorm --presets llama-1b --tokens 4096 8192
+    python bench/kernel_bench.py --ops swiglu_ffn --presets llama-350m llama-1b llama-7b --tokens 4096 16384
 
 Times are medians with p20/p80 (triton.testing.do_bench on GPU, wall clock on CPU); each
 row also goes to bench/results/results.csv. On CPU only the ratios between providers of
@@ -13,6 +13,11 @@ Derived rates, against ceilings measured at the start of the same run (a large m
 and a large copy, bench/timing.measure_ceilings): TFLOP/s for the matmul ops (the matmul FLOPs
 each provider executes, recomputation included; mecefo.flops) and GB/s for the memory-bound
 ones (RMSNorm, the elementwise SwiGLU), each also as a fraction of its ceiling.
+
+Rows are recorded as benchmark ``kernels/<op>`` (charts: ``kernels_<device>.png``). The file is not
+called kernels.py: a script's directory comes first on sys.path, and Hugging Face's ``kernels``
+package, which transformers imports, would then resolve to this file
+(tests/packaging/test_module_names.py keeps every bench/ module name clear of such names).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""bench/kernels.py end to end on CPU at the tiny preset: the rows it writes (to a temporary CSV), the
+"""bench/kernel_bench.py end to end on CPU at the tiny preset: the rows it writes (to a temporary CSV), the
 ceilings, and the derived TFLOP/s and GB/s against the FLOP and byte counts. Speed itself is the
 benchmark's business, not a test's: nothing here depends on how fast anything ran.
 
@@ -18,7 +18,7 @@ import mecefo.flops as flops
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
-import kernels  # noqa: E402
+import kernel_bench  # noqa: E402
 
 TOKENS, D, H = 64, 128, 352  # the tiny preset's hidden and FFN widths
 RANK = D // 8
@@ -33,7 +33,7 @@ def rows(tmp_path_factory):
     path = tmp_path_factory.mktemp("kernels") / "results.csv"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch, "compile", lambda fn, **kwargs: fn)
-        assert kernels.main(["--presets", "tiny", "--tokens", str(TOKENS), "--rep-ms", "1", "--modes", "bwd",
+        assert kernel_bench.main(["--presets", "tiny", "--tokens", str(TOKENS), "--rep-ms", "1", "--modes", "bwd",
                              "--ops", *OPS, "--max-spread", "inf", "--csv", str(path)]) == 0
     with path.open(newline="") as f:
         return list(csv.DictReader(f))
@@ -126,9 +126,9 @@ def test_a_fraction_of_the_ceiling_needs_steady_timings(tmp_path, capsys):
         calls.append(None)
         time.sleep(0.001 if len(calls) % 2 else 0.006)
 
-    case = kernels.Case("swiglu", "fake", "T=1", lambda mode: unsteady, bytes_moved=lambda mode: 1e6, modes=("fwd",))
+    case = kernel_bench.Case("swiglu", "fake", "T=1", lambda mode: unsteady, bytes_moved=lambda mode: 1e6, modes=("fwd",))
     recorder = Recorder(torch.device("cpu"), path=tmp_path / "results.csv")
-    kernels.run_case(case, "tiny:T=1", ["fwd"], torch.device("cpu"), recorder, 40, Ceilings(1.0, 10.0, spread=0.01))
+    kernel_bench.run_case(case, "tiny:T=1", ["fwd"], torch.device("cpu"), recorder, 40, Ceilings(1.0, 10.0, spread=0.01))
     metrics = {r["metric"] for r in recorder.rows}
     assert "bandwidth" in metrics and "bandwidth_of_ceiling" not in metrics
     assert "? spread" in capsys.readouterr().out
