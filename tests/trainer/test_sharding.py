@@ -3,6 +3,7 @@ ones, neighbour mode under FSDP2 against unsharded neighbour mode, gradient clip
 each rank holds against the plan (mecefo.sharding). The whole trainer under --shard fsdp is in
 test_sharded_groups.py."""
 
+import contextlib
 import copy
 
 import pytest
@@ -118,7 +119,7 @@ def _neighbour_step(group, basis_source):
     mk.load_bases_state_dict(model, ref_bases)  # the same bases: now the gradients must agree to rounding
     step(batches[2], neighbour=True)
     grads = {n: (None if p.grad is None else _full(p.grad)) for n, p in model.named_parameters()}
-    expected = {n: p.grad for n, p in reference.named_parameters()}
+    expected = {n: None if p.grad is None else p.grad.clone() for n, p in reference.named_parameters()}
     torch.nn.utils.clip_grad_norm_(reference.parameters(), 1e-3, foreach=False)  # clipping bites: norm >> 1e-3
     holding.clip_grad_norm_(model, 1e-3)
     for o in optimizers:
@@ -192,7 +193,7 @@ class _Batches:
         return rows[:, :-1], rows[:, 1:]
 
 
-def _group_work(group):
+def _group_work(group, micro_batch):
     """The group's work items over its 2 ranks, some too small to split (an idle pass on the rank without a
     piece), against one process running every item whole."""
     from mecefo.membership import WorkItem
@@ -204,22 +205,25 @@ def _group_work(group):
     holding = _fsdp(group)
     model = holding.wrap(copy.deepcopy(reference))
     items = [WorkItem(0, 0, 1), WorkItem(1, 1, 4), WorkItem(2, 2, 3, "neighbour"), WorkItem(0, 1, 4, "neighbour")]
-    loss, shards = holding.run_work(model, path, _Batches(), 0, items, "cpu")
+    loss, shards = holding.run_work(model, path, _Batches(), 0, items, "cpu", micro_batch=micro_batch)
     stats = torch.tensor([loss, shards], dtype=torch.float64)
     group.ranks.allreduce_sum(stats)
     grads = {n: (None if p.grad is None else _full(p.grad)) for n, p in model.named_parameters()}
     return stats, grads
 
 
-def test_every_rank_runs_a_pass_per_work_item_even_without_a_piece():
+@pytest.mark.parametrize("micro_batch", [None, 1])
+def test_every_rank_runs_a_pass_per_work_item_even_without_a_piece(micro_batch):
     """Items of 1 and 3 sequences over 2 ranks (rank 1 has no piece of the first and third, so it runs idle
-    passes: FSDP2's collectives must match), exact and in neighbour mode: the group's summed gradients and
-    loss equal one process running every item whole, to float64 rounding."""
+    passes: FSDP2's collectives must match), exact and in neighbour mode, each piece whole or in micro-batches
+    of 1 sequence (--grad-accum: rank 0's 2-sequence pieces run 2 passes, rank 1 pads its 1-sequence pieces
+    with an idle pass): the group's summed gradients and loss equal one process running every piece, to
+    float64 rounding."""
     from mecefo.membership import WorkItem
     from mecefo.model import run_work
     from mecefo.neighbor import MeCeFOPath
 
-    results = run_group(_group_work, 2)
+    results = run_group(_group_work, 2, micro_batch)
     path = MeCeFOPath(rank=6, tau=10, basis="weight")
     reference = path.prepare(build_model(TrainConfig(run_dir="unused", model="tiny", dtype="float64")))
     items = [WorkItem(0, 0, 1), WorkItem(1, 1, 4), WorkItem(2, 2, 3, "neighbour"), WorkItem(0, 1, 4, "neighbour")]
@@ -227,7 +231,8 @@ def test_every_rank_runs_a_pass_per_work_item_even_without_a_piece():
         for start, stop in ((item.start, item.start + (item.sequences + 1) // 2),
                             (item.start + (item.sequences + 1) // 2, item.stop)):
             if stop > start:
-                run_work(reference, path, _Batches(), 0, [WorkItem(item.shard, start, stop, item.mode)], "cpu")
+                run_work(reference, path, _Batches(), 0, [WorkItem(item.shard, start, stop, item.mode)], "cpu",
+                         micro_batch=micro_batch)
     expected = {n: p.grad for n, p in reference.named_parameters()}
     for stats, grads in results:
         assert stats[1].item() == sum(i.sequences for i in items) / 4, "the idle passes count nothing"
@@ -235,3 +240,55 @@ def test_every_rank_runs_a_pass_per_work_item_even_without_a_piece():
             assert (g is None) == (grads[name] is None), name
             if g is not None:
                 assert _relative(grads[name], g) < 1e-12, name
+
+
+def _mixed_precision_work(group):
+    """--dtype bfloat16 under --shard fsdp: the group's 4 sequences over its 2 ranks, under FSDP2's policy (bf16
+    compute copies of the fp32 master shards, fp32 reduce-scatter) and the trainer's bf16 autocast."""
+    from mecefo.membership import WorkItem
+    from mecefo.model import compute_context
+    from mecefo.neighbor import MeCeFOPath
+
+    cfg = TrainConfig(run_dir="unused", model="tiny", dtype="bfloat16")
+    path = MeCeFOPath(rank=6, tau=10, basis="weight")
+    holding = _fsdp(group, "bfloat16")
+    model = holding.wrap(path.prepare(build_model(cfg)))
+    holding.run_work(model, path, _Batches(), 0, [WorkItem(0, 0, 4)], "cpu", compute=compute_context(cfg, "cpu"))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
+    grads = {n: _full(p.grad) for n, p in model.named_parameters()}
+    optimizer.step()
+    dtypes = {(p.to_local().dtype, p.grad.to_local().dtype) for p in model.parameters()}
+    dtypes |= {(v.to_local().dtype,) for s in optimizer.state.values() for k, v in s.items() if k != "step"}
+    return grads, dtypes
+
+
+def test_bf16_mixed_precision_composes_with_fsdp2s_policy():
+    """Mixed precision (fp32 master weights and AdamW state, bf16 compute) under FSDP2: the shards, their
+    gradients and AdamW state stay fp32 (the reduce-scatter runs in fp32: gloo has none in bf16), and the
+    group's gradients are as close to the fp32 gradients as the unsharded bf16 run's are (FSDP2 casts every
+    parameter to bf16, autocast only the matmuls' operands: embedding and norm outputs round to bf16 too, so
+    not bit for bit; within 2x of the unsharded bf16 error, overall and per parameter)."""
+    from mecefo.membership import WorkItem
+    from mecefo.model import compute_context, run_work
+    from mecefo.neighbor import MeCeFOPath
+
+    (grads, dtypes), (grads_1, _) = run_group(_mixed_precision_work, 2)
+    assert dtypes == {(torch.float32, torch.float32), (torch.float32,)}
+    cfg = TrainConfig(run_dir="unused", model="tiny", dtype="bfloat16")
+    path = MeCeFOPath(rank=6, tau=10, basis="weight")
+    reference = {}
+    for name, compute in (("bf16", compute_context(cfg, "cpu")), ("fp32", contextlib.nullcontext)):
+        model = path.prepare(build_model(cfg))
+        for start, stop in ((0, 2), (2, 4)):  # the ranks' pieces, each its own micro-batch
+            run_work(model, path, _Batches(), 0, [WorkItem(0, start, stop)], "cpu", compute=compute)
+        reference[name] = {n: p.grad for n, p in model.named_parameters()}
+
+    def flat(d):
+        return torch.cat([d[n].flatten() for n in sorted(d)])
+
+    bf16_error = _relative(flat(reference["bf16"]), flat(reference["fp32"]))
+    assert 1e-4 < bf16_error < 5e-2, "autocast computes in bf16"
+    assert all(torch.equal(grads[n], grads_1[n]) for n in grads), "both ranks gather the same gradients"
+    assert 1e-4 < _relative(flat(grads), flat(reference["fp32"])) < 2 * bf16_error
+    for name, g in reference["fp32"].items():
+        assert _relative(grads[name], g) < 2 * _relative(reference["bf16"][name], g) + 1e-6, name
