@@ -141,7 +141,8 @@ class TrainConfig:
             raise ConfigError("dtype", f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.shard not in SHARDS:
             raise ConfigError("shard", f"shard must be one of {', '.join(SHARDS)}, got {self.shard!r}")
-        at_least = dict(replicas=1, group_size=1, steps=1, seq_len=1, micro_batch=1, grad_accum=1, threads=1, keep_checkpoints=1, min_replicas=1,
+        at_least = dict(replicas=1, group_size=1, steps=1, seq_len=1, micro_batch=1, grad_accum=1, threads=1,
+                        keep_checkpoints=1, min_replicas=1,
                         eval_batches=1, warmup=0, checkpoint_every=0, eval_every=0, max_restarts=0)
         for name, low in at_least.items():
             if getattr(self, name) < low:
