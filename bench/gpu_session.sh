@@ -26,6 +26,10 @@
 #             at the same shapes (llama-1b, llama-7b, 8192 tokens, bf16; then fp32 as TF32)
 #   kernels   bench/kernel_bench.py, one op per run (a timeout loses one op's rows, not all), bf16
 #   step      bench/step.py at llama-350m, llama-1b and a 4-layer llama-7b slice, seq 2048, bf16
+#   fsdp-group  bench/fsdp_group.py under torchrun: a 2-rank FSDP2 group over NCCL (--shard fsdp's
+#             holding, exactness against the unsharded model, neighbour mode, a DCP round trip, bytes
+#             and step time per rank) when the machine has 2+ GPUs; skipped, saying why, with one GPU
+#             and in the dry run (tests/bench/test_fsdp_group.py runs it on 2 CPU processes)
 #   cluster   bench/cluster.py simulate from this GPU's step rows (the trainer's restart, detection
 #             and heal costs come from the committed CPU rows: torchft is not on the GPU image)
 #   plot      bench/plot.py for this GPU
@@ -36,8 +40,8 @@
 # step_*.png, cluster_*.png.
 #
 # Exit status: 0 when every stage is ok (in a dry run, the stages that need a GPU are skipped and
-# say why); 1 when any stage failed, timed out or was cut by the budget: the summary's stage table
-# says which. Everything is written either way.
+# say why; with one GPU, so is fsdp-group); 1 when any stage failed, timed out or was cut by the
+# budget: the summary's stage table says which. Everything is written either way.
 
 set -u -o pipefail
 
@@ -188,6 +192,19 @@ for preset in "${STEP_PRESETS[@]}"; do
         ${STEP_ARGS[@]+"${STEP_ARGS[@]}"}
 done
 
+# ---- fsdp-group (issue 19): one 2-rank FSDP2 group over NCCL, self-contained (on CPU over gloo:
+# tests/bench/test_fsdp_group.py, in CI)
+GPU_COUNT=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+if [ "$DRY_RUN" = 0 ] && [ "$GPU_COUNT" -lt 2 ]; then
+    echo "=== fsdp-group: skipped: this machine has $GPU_COUNT GPU(s); a 2-rank FSDP group needs 2"
+    printf '%-22s %-18s %5s  %s\n' fsdp-group "SKIPPED ($GPU_COUNT GPU)" "-" \
+        "this machine has $GPU_COUNT GPU(s); a 2-rank FSDP group needs 2" >> "$STATUS"
+else
+    gpu_stage fsdp-group "a 2-rank FSDP2 group over NCCL needs 2 GPUs (tests/bench/test_fsdp_group.py runs it on CPU)" \
+        120 "$PYTHON" -m torch.distributed.run --nproc-per-node 2 --master-addr 127.0.0.1 --master-port 29631 \
+        bench/fsdp_group.py --csv "$CSV" --device cuda --preset llama-60m --seq 512 --steps 10
+fi
+
 if [ "$DRY_RUN" = 1 ]; then
     DEVICE_MATCH="cpu"
 else
@@ -216,12 +233,13 @@ tar -czf "$OUT/logs.tar.gz" -C "$WORK" logs status.txt
         [ -f "$LOGS/$name.log" ] && { echo; echo "## $name"; grep -vE "^appended" "$LOGS/$name.log" | tail -n 14; }
     done
     [ -f "$LOGS/step-llama-1b.log" ] && { echo; echo "## step llama-1b"; grep -E "^llama-1b" "$LOGS/step-llama-1b.log"; }
+    [ -f "$LOGS/fsdp-group.log" ] && { echo; echo "## fsdp-group"; grep -E "^fsdp group|^  " "$LOGS/fsdp-group.log"; }
     echo
     echo "## stages"
     cat "$STATUS"
 } > "$SUMMARY"
 cat "$SUMMARY"
-failed=$(grep -vE '^\S+ +(ok|SKIPPED \(no GPU\)) ' "$STATUS" | awk '{print $1}' | tr '\n' ' ')
+failed=$(grep -vE '^\S+ +(ok|SKIPPED \((no|[01]) GPU\)) ' "$STATUS" | awk '{print $1}' | tr '\n' ' ')
 echo "# stage(s) not ok: ${failed:-none}; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
 rm -rf "$WORK"
 [ -z "$failed" ]

@@ -25,7 +25,7 @@ Swapping the class (as torch.nn.utils.parametrize does) rather than wrapping the
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +44,18 @@ BASIS_SOURCES = ("weight", "momentum")
 DEFAULT_BASIS_SOURCE = "weight"
 
 _BASIS_NAMES = ("mecefo_basis_gate", "mecefo_basis_up", "mecefo_basis_down")
+
+# basis_fn(matrix [out, in], rank, *, method, dtype) -> V [in, rank], as lowrank_basis
+BasisFunction = Callable[..., torch.Tensor]
+
+
+def _any_nonzero(t: torch.Tensor) -> bool:
+    """Whether ``t`` has a non-zero element, over the whole tensor also when it is sharded (a DTensor: the
+    local answer would differ between ranks, and so would the bases they compute)."""
+    count = torch.count_nonzero(t)
+    if hasattr(count, "full_tensor"):  # a DTensor: the sum over the shards
+        count = count.full_tensor()
+    return bool(count.item() > 0)
 
 
 def resolve_rank(rank: int | float, in_features: int, name: str = "rank") -> int:
@@ -188,20 +200,22 @@ class NeighborDecoderMixin(NeighborCapable, nn.Module):
         return _BASIS_NAMES
 
     @torch.no_grad()
-    def refresh_bases(self, moments: Mapping[torch.Tensor, torch.Tensor] | None = None) -> None:
+    def refresh_bases(self, moments: Mapping[torch.Tensor, torch.Tensor] | None = None,
+                      basis_fn: BasisFunction | None = None) -> None:
         """V of each projection from its weight, or (basis "momentum") from ``moments[weight]`` where
-        that exists and is not all zeros."""
+        that exists and is not all zeros; computed by ``basis_fn`` (default :func:`lowrank_basis`)."""
         mlp = self.mlp
+        compute = basis_fn or lowrank_basis
         sources = []
         for name, lin in zip(_BASIS_NAMES, (mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
             rank = resolve_rank(self.mecefo_rank, lin.in_features)
             matrix, source = lin.weight, "weight"
             if self.mecefo_basis_source == "momentum" and moments is not None:
                 moment = moments.get(lin.weight)
-                if moment is not None and moment.shape == lin.weight.shape and bool(moment.any()):
+                if moment is not None and moment.shape == lin.weight.shape and _any_nonzero(moment):
                     matrix, source = moment, "momentum"
-            basis = lowrank_basis(matrix, rank, method=self.mecefo_basis_method,
-                                  dtype=torch.float64 if lin.weight.dtype == torch.float64 else torch.float32)
+            basis = compute(matrix, rank, method=self.mecefo_basis_method,
+                            dtype=torch.float64 if lin.weight.dtype == torch.float64 else torch.float32)
             self.register_buffer(name, basis, persistent=False)
             sources.append(source)
         self.mecefo_bases_from = tuple(sources)

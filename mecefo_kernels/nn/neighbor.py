@@ -11,7 +11,7 @@ of its forward, wherever the backward runs.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -35,9 +35,11 @@ class NeighborCapable:
         """Names of the (non-persistent) buffers holding the low-rank bases."""
         raise NotImplementedError
 
-    def refresh_bases(self, moments: Mapping[torch.Tensor, torch.Tensor] | None = None) -> None:
+    def refresh_bases(self, moments: Mapping[torch.Tensor, torch.Tensor] | None = None,
+                      basis_fn: Callable[..., torch.Tensor] | None = None) -> None:
         """Recompute the low-rank bases from the current weights (or, where the module's basis
-        source is "momentum", from ``moments[weight]``, the optimizer's first moment)."""
+        source is "momentum", from ``moments[weight]``, the optimizer's first moment), each with
+        ``basis_fn`` (default :func:`mecefo_kernels.lowrank_basis`)."""
         raise NotImplementedError
 
 
@@ -96,7 +98,8 @@ def optimizer_moments(optimizer: torch.optim.Optimizer) -> dict[torch.Tensor, to
             if isinstance(state.get("exp_avg"), torch.Tensor)}
 
 
-def refresh_bases(model: nn.Module, *, step: int | None = None, optimizer: torch.optim.Optimizer | None = None) -> bool:
+def refresh_bases(model: nn.Module, *, step: int | None = None, optimizer: torch.optim.Optimizer | None = None,
+                  basis_fn: Callable[..., torch.Tensor] | None = None) -> bool:
     """Recompute the low-rank FFN bases of every patched layer.
 
     Args:
@@ -107,6 +110,11 @@ def refresh_bases(model: nn.Module, *, step: int | None = None, optimizer: torch
             vectors of each FFN weight's first moment in this optimizer's state (``exp_avg``:
             Adam / AdamW), falling back to the weight where there is none yet (before the first
             update) or it is all zeros. Without it every layer uses its weights.
+        basis_fn: how each basis is computed, called as ``basis_fn(matrix, rank, method=...,
+            dtype=...)`` with ``matrix`` the weight (or its first moment) ``[out, in]``, returning
+            ``[in, rank]`` with orthonormal columns, as :func:`mecefo_kernels.lowrank_basis` (the
+            default) does. For weights sharded over several processes (FSDP2 DTensors) pass one
+            that computes the basis across the shards, the same on every process.
 
     Returns:
         Whether the bases were recomputed.
@@ -118,7 +126,7 @@ def refresh_bases(model: nn.Module, *, step: int | None = None, optimizer: torch
         modules = [m for m in modules if step % m.refresh_every == 0]
     moments = optimizer_moments(optimizer) if optimizer is not None else None
     for m in modules:
-        m.refresh_bases(moments)
+        m.refresh_bases(moments, basis_fn=basis_fn)
     return bool(modules)
 
 

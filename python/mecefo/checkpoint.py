@@ -59,7 +59,7 @@ def checkpoint_path(directory: str | Path, step: int) -> Path:
     return Path(directory) / f"step_{step:08d}.ckpt"
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -112,7 +112,7 @@ def save_checkpoint(directory: str | Path, step: int, state: dict, lineage: str 
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(directory)
+    fsync_dir(directory)
     return SavedCheckpoint(path, step, len(header) + len(meta) + len(payload), time.perf_counter() - start)
 
 

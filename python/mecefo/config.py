@@ -25,6 +25,7 @@ REDUCE_DTYPES = ("float32", "bfloat16")  # the gradient all-reduce: the master d
 INITS = ("random", "pretrained")
 DEFAULT_MODEL = "tiny"
 DEVICES = ("cpu", "cuda")
+SHARDS = ("none", "fsdp")  # how a replica group holds the model (mecefo.sharding)
 HASH_STATE_MAX_PARAMS = 50_000_000
 
 
@@ -63,6 +64,8 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per shard per step; global batch = replicas * grad_accum * micro_batch
     # job
     replicas: int = 4
+    group_size: int = 1  # ranks per replica group (mecefo-train starts G processes per replica)
+    shard: str = "none"  # none: every rank holds the whole model (DDP-style); fsdp: FSDP2 inside each group
     steps: int = 200
     policy: str = "mecefo"  # a preset (mecefo.policy.PRESETS); takeover / approximate override its fields
     takeover: str | None = None  # neighbour | spread | drop | auto (None: the preset's)
@@ -149,7 +152,10 @@ class TrainConfig:
             raise ConfigError("device", f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ConfigError("dtype", f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        at_least = dict(replicas=1, steps=1, seq_len=1, micro_batch=1, grad_accum=1, threads=1, keep_checkpoints=1, min_replicas=1,
+        if self.shard not in SHARDS:
+            raise ConfigError("shard", f"shard must be one of {', '.join(SHARDS)}, got {self.shard!r}")
+        at_least = dict(replicas=1, group_size=1, steps=1, seq_len=1, micro_batch=1, grad_accum=1, threads=1,
+                        keep_checkpoints=1, min_replicas=1,
                         eval_batches=1, warmup=0, checkpoint_every=0, eval_every=0, max_restarts=0, max_replays=0)
         for name, low in at_least.items():
             if getattr(self, name) < low:
@@ -259,7 +265,8 @@ def add_train_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig) 
                    help="dtype of the gradient all-reduce: float32 (the master weights'; float64 with --dtype "
                         "float64) or bfloat16 (--dtype bfloat16 on --device cuda only: gloo reduces float32)")
     g.add_argument("--device", default=d.device, choices=DEVICES,
-                   help="cuda: replica i uses GPU i mod the GPU count (gradients still go through gloo)")
+                   help="cuda: every rank on its own GPU (mecefo-train: (replica x group size + rank) mod the GPU "
+                        "count; mecefo-group: LOCAL_RANK), collectives over NCCL (mecefo.backends)")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--data", nargs="+", default=d.data, metavar="SRC",
                    help="'stdlib' (the Python standard library's sources, byte-level; no download), "
@@ -287,6 +294,13 @@ def add_train_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig) 
     g = parser.add_argument_group("job")
     g.add_argument("--run-dir", default=d.run_dir, help="where metrics, checkpoints, logs, plot go")
     g.add_argument("--replicas", type=int, default=d.replicas, help="data-parallel replicas = shards per global batch")
+    g.add_argument("--group-size", type=int, default=d.group_size,
+                   help="ranks per replica group: mecefo-train starts G processes per replica, each a rank of "
+                        "the group (default %(default)s; mecefo-group takes it from torchrun / srun)")
+    g.add_argument("--shard", default=d.shard, choices=SHARDS,
+                   help="how a group holds the model: none (every rank the whole model and optimizer state, "
+                        "gradients summed DDP-style) or fsdp (FSDP2 inside the group: each rank 1/G of them; "
+                        "default %(default)s)")
     g.add_argument("--steps", type=int, default=d.steps)
     g.add_argument("--policy", default=d.policy, choices=POLICIES,
                    help="what happens to a dead replica's shard (README, 'Policies'): mecefo (its neighbour runs "

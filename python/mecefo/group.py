@@ -50,7 +50,7 @@ import time
 import uuid
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .command import EXIT_USAGE, OneLineErrors
@@ -135,7 +135,8 @@ def wait_reachable(address: str, what: str, option: str, timeout_s: float) -> No
 def job_identity(cfg: TrainConfig, corpus_fingerprint: str, ranks_per_group: int, model: dict | None = None) -> dict:
     """What every group of one job must agree on (:data:`LOCAL_FIELDS` excluded; the model by its identity,
     :func:`mecefo.models.model_identity`)."""
-    identity = {k: v for k, v in asdict(cfg).items() if k not in LOCAL_FIELDS}
+    # group_size is ranks_per_group (WORLD_SIZE), named by its torchrun / srun option in a refusal
+    identity = {k: v for k, v in asdict(cfg).items() if k not in LOCAL_FIELDS and k != "group_size"}
     identity.update(corpus=corpus_fingerprint, ranks_per_group=ranks_per_group, model=model)
     return json.loads(json.dumps(identity))  # tuples as lists: equal to what comes back from the store
 
@@ -428,6 +429,10 @@ def main(argv: list[str] | None = None) -> int:
         place = rank_place()
     except ValueError as e:
         parser.error(str(e))
+    if any(a == "--group-size" or a.startswith("--group-size=") for a in argv) and cfg.group_size != place.world_size:
+        parser.error(f"argument --group-size: {cfg.group_size}, but this group has {place.world_size} ranks "
+                     "(WORLD_SIZE / SLURM_NTASKS): a group's size is its number of processes")
+    cfg = replace(cfg, group_size=place.world_size)
     advertise = args.advertise or place.master_addr
     if _is_loopback(advertise):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -456,6 +461,7 @@ def _run_group(parser, cfg: TrainConfig, args, place: RankPlace, *, lighthouse: 
     from .quorum import BoundStore, connect_store
     from .ranks import GroupFailed, IntraGroup
     from .replica import CHECKPOINT_DIR, Replica, die_with
+    from .sharded_checkpoint import check_resume_format, list_sharded
 
     if place.under_torchrun:  # a rank outliving its torchrun agent would hold the group index for nobody
         die_with(os.getppid())
@@ -481,10 +487,14 @@ def _run_group(parser, cfg: TrainConfig, args, place: RankPlace, *, lighthouse: 
                                     data_dtype=cfg.data_dtype, tokenizer=cfg.tokenizer, text_field=cfg.text_field,
                                     workers=cfg.tokenize_workers, progress=True)
             check_length(corpus, cfg.seq_len)
+            if cfg.resume:
+                check_resume_format(cfg.run_path / CHECKPOINT_DIR, cfg.shard)
             model = check_model(cfg, corpus)
             job = JobStore(job_store, timeout_s)
             check_same_job(job, job_identity(cfg, corpus.fingerprint, place.world_size, model), args.group)
-            newest = list_checkpoints(cfg.run_path / CHECKPOINT_DIR) if cfg.resume else []
+            # the newest checkpoint of this run's format: whole-state files, or sharded directories (--shard fsdp)
+            listing = list_sharded if cfg.shard == "fsdp" else list_checkpoints
+            newest = listing(cfg.run_path / CHECKPOINT_DIR) if cfg.resume else []
             running = check_start(job, args.group, cfg.replicas, cfg.resume, newest[0][0] if newest else None)
             lease = GroupLease(job_store, args.group, f"{socket.gethostname()} pid {os.getpid()} at {advertise}",
                                cfg.lighthouse_wait_s)

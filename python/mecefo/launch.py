@@ -31,6 +31,7 @@ any process starts (``prepare_run_dir``; on the command line a one-line ``PROG: 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -49,6 +50,7 @@ from .failures import injections_dir, load_schedule, parse_injection
 from .fencing import FENCED_EXIT_CODE
 from .report import EVENTS_FILE, METRICS_DIR, MetricsWriter, read_jsonl, write_report
 from .models import check_model
+from .sharded_checkpoint import check_resume_format
 from .replica import (CHECKPOINT_DIR, CORPUS_FILE, FINAL_DIR, GAVE_UP_EXIT_CODE, MODEL_FILE, RESTART_EXIT_CODE,
                       RESTART_REQUEST_FILE)
 
@@ -83,6 +85,47 @@ class RunAborted(RuntimeError):
     def __init__(self, reason: str, logs: str = ""):
         super().__init__(reason)
         self.logs = logs
+
+
+class GroupProcesses:
+    """The ``G`` rank processes of one replica group (``--group-size``), supervised as one replica.
+
+    They share a process group (rank 0 leads it), so ``os.killpg(pid)`` stops all of them, and the
+    group's store, hosted here: a fresh one for every spawn (a restarted group must not read the keys
+    of its previous incarnation). :meth:`poll` reports the group as a single process: running while
+    every rank runs; once a rank exits with a non-zero code the others are stopped (one rank gone
+    fails the whole group, as torchrun does) and that code is the group's; 0 when every rank exited 0.
+    """
+
+    def __init__(self, ranks: list[subprocess.Popen], store):
+        self.ranks = ranks
+        self.store = store  # kept alive as long as the group runs
+        self.pid = ranks[0].pid
+
+    def poll(self) -> int | None:
+        codes = [proc.poll() for proc in self.ranks]
+        failed = [c for c in codes if c not in (None, 0)]
+        if failed:
+            self._stop()
+            return failed[0]
+        return None if None in codes else 0
+
+    def _stop(self) -> None:
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for proc in self.ranks:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for proc in self.ranks:
+            proc.wait(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return self.poll()
 
 
 def _log_tail(path: Path, lines: int = 15) -> str:
@@ -211,10 +254,14 @@ class Supervisor:
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(self.cfg.threads),
                    GLOO_SOCKET_IFNAME="lo", RUST_LOG=os.environ.get("RUST_LOG", "warn"))
         env.pop("TORCHFT_LIGHTHOUSE", None)
-        with open(log_dir / f"replica_{replica}.log", "a") as log:
-            log.write(f"==== spawn generation {self.generation} rejoin={rejoin} resume={resume} at {time.time():.3f}\n")
-            log.flush()
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        header = f"==== spawn generation {self.generation} rejoin={rejoin} resume={resume} at {time.time():.3f}\n"
+        if self.cfg.group_size == 1:
+            with open(log_dir / f"replica_{replica}.log", "a") as log:
+                log.write(header)
+                log.flush()
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        else:
+            proc = self._spawn_group(replica, cmd, env, header)
         self.procs[replica] = proc
         self.dead.pop(replica, None)
         if rejoin:
@@ -223,6 +270,26 @@ class Supervisor:
             self.rejoining.pop(replica, None)
         self.events.write(event="spawn", replica=replica, pid=proc.pid, generation=self.generation, rejoin=rejoin,
                           resume=resume)
+
+    def _spawn_group(self, replica: int, cmd: list[str], env: dict, header: str) -> GroupProcesses:
+        """Replica ``replica`` as a group of --group-size rank processes (logs: replica_<i>.log for rank 0,
+        replica_<i>_rank_<r>.log for the others)."""
+        from .quorum import LoopbackStore
+
+        store = LoopbackStore()
+        ranks = []
+        for rank in range(self.cfg.group_size):
+            name = f"replica_{replica}.log" if rank == 0 else f"replica_{replica}_rank_{rank}.log"
+            with open(self.run_dir / "logs" / name, "a") as log:
+                log.write(header)
+                log.flush()
+                # one new process group, led by rank 0 (a process joins a group of its own session only, so
+                # not start_new_session as a replica of one rank has; Popen's process_group= needs Python 3.11)
+                pgid = ranks[0].pid if ranks else 0
+                leader = {"preexec_fn": functools.partial(os.setpgid, 0, pgid)}
+                ranks.append(subprocess.Popen([*cmd, "--group-store", store.address, "--group-rank", str(rank)],
+                                              stdout=log, stderr=subprocess.STDOUT, env=env, **leader))
+        return GroupProcesses(ranks, store)
 
     def _kill(self, replica: int) -> None:
         proc = self.procs.pop(replica, None)
@@ -426,6 +493,8 @@ def prepare_run_dir(cfg: TrainConfig, *, progress: bool = False) -> None:
                                     "continue)")
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError("run_dir", f"{run_dir} exists and is not a directory")
+    if cfg.resume:
+        check_resume_format(run_dir / CHECKPOINT_DIR, cfg.shard)
     if (run_dir / METRICS_DIR).is_dir() and not cfg.resume:
         raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another "
                               "--run-dir")

@@ -106,11 +106,15 @@ def evaluate(model: torch.nn.Module, batches, count: int, *, micro_batch: int | 
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
+    from .sync import local_shard
+
+    t = local_shard(t)  # a sharded model (--shard fsdp) hashes this rank's shards
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def parameter_hash(model: torch.nn.Module) -> str:
-    """Hash of the model's state_dict (names and bytes): equal hashes, bit-identical models."""
+    """Hash of the model's state_dict (names and bytes): equal hashes, bit-identical models (sharded: equal
+    hashes on the same rank of two groups, bit-identical shards)."""
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
         h.update(name.encode())

@@ -46,7 +46,8 @@ class ExactPath:
             raise RuntimeError("a work item in neighbour mode, but this policy never approximates (ExactPath)")
         yield
 
-    def refresh(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> bool:
+    def refresh(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                basis_fn=None) -> bool:
         return False
 
     def bases_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -96,9 +97,13 @@ class MeCeFOPath:
         with self._api.neighbor_mode(model):
             yield
 
-    def refresh(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> bool:
-        """Recompute the bases now (from the first moments in ``optimizer`` with basis momentum)."""
-        return bool(self._api.refresh_bases(model, optimizer=optimizer if self.basis == "momentum" else None))
+    def refresh(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                basis_fn=None) -> bool:
+        """Recompute the bases now (from the first moments in ``optimizer`` with basis momentum), each with
+        ``basis_fn`` (None: mecefo_kernels' own, on whole weights; :class:`mecefo.sharded_basis.ShardedBasis`
+        for sharded ones)."""
+        return bool(self._api.refresh_bases(model, optimizer=optimizer if self.basis == "momentum" else None,
+                                            basis_fn=basis_fn))
 
     def bases_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         return self._api.bases_state_dict(model)

@@ -145,8 +145,8 @@ def _manager_server_bound_to(host: str) -> Iterator[None]:
         _torchft_manager.ManagerServer = original
 
 
-class LiveSetGloo(ProcessGroupGloo):
-    """torchft's gloo group, remembering which replicas the current quorum holds.
+class LiveSet:
+    """Put in front of a torchft process group class: it remembers which replicas the current quorum holds.
 
     torchft numbers rank ``r`` of replica group ``i`` (of ``G`` ranks) ``i*G + r``; :attr:`live`
     holds the replica indices ``i``.
@@ -171,6 +171,21 @@ class LiveSetGloo(ProcessGroupGloo):
             store_addr = f"{store_addr}/{self.namespace()}"
         super().configure(store_addr, replica_id, rank, world_size, quorum_id, group_rank, group_world_size,
                           global_ranks)
+
+
+class LiveSetGloo(LiveSet, ProcessGroupGloo):
+    """torchft's gloo group with :class:`LiveSet`."""
+
+
+def cross_group(cross: str, timeout: timedelta):
+    """torchft's process group across replica groups (:mod:`mecefo.backends` chooses ``cross``), with
+    :class:`LiveSet`."""
+    if cross == "gloo":
+        return LiveSetGloo(timeout=timeout)
+    from torchft.process_group import ProcessGroupBabyNCCL, ProcessGroupNCCL
+
+    base = {"nccl": ProcessGroupNCCL, "baby-nccl": ProcessGroupBabyNCCL}[cross]
+    return type(f"LiveSet{base.__name__}", (LiveSet, base), {})(timeout=timeout)
 
 
 class _SendHookGroup:
@@ -235,6 +250,7 @@ class Membership:
             replica of one rank, which hosts its own on ``advertise``).
         group_rank / group_world_size: this rank within the replica group, and the group's size.
         advertise: the address this rank's servers bind and other hosts reach them at.
+        backends: the collective libraries (:func:`mecefo.backends.choose_backends`; None: gloo on CPU).
     """
 
     def __init__(self, *, replica: int, lighthouse: str, state_dict: Callable[[], dict],
@@ -242,7 +258,7 @@ class Membership:
                  quorum_timeout_s: float, lighthouse_wait_s: float = 300.0, on_quorum: Callable[[], None] | None = None,
                  on_send: Callable[[int], None] | None = None, ledger: CommitLedger | None = None,
                  group_store: str | None = None, group_rank: int = 0, group_world_size: int = 1,
-                 advertise: str = LOOPBACK):
+                 advertise: str = LOOPBACK, backends=None):
         timeout = timedelta(seconds=timeout_s)
         self.replica = replica
         self.ledger = ledger
@@ -254,7 +270,7 @@ class Membership:
         self.store = BoundStore(advertise) if group_store is None else None
         group_store = group_store or self.store.address
         store_host, store_port = split_address(group_store, "group store")
-        self.pg = LiveSetGloo(timeout=timeout)
+        self.pg = cross_group(backends.cross if backends else "gloo", timeout)
         transport_pg = _SendHookGroup(self.pg, on_send) if on_send else self.pg
         with _manager_server_bound_to(advertise):
             self.manager = _torchft_manager.Manager(
@@ -264,7 +280,8 @@ class Membership:
                 rank=group_rank, world_size=group_world_size, store_addr=store_host, store_port=store_port,
                 lighthouse_addr=lighthouse, replica_id=f"replica_{replica}", hostname=advertise,
                 quorum_retries=QUORUM_RETRIES,
-                checkpoint_transport=PGTransport(transport_pg, timeout, torch.device("cpu")),
+                checkpoint_transport=PGTransport(transport_pg, timeout,
+                                                 torch.device(backends.device if backends else "cpu")),
                 # every replica builds the same initial weights from the seed; a replica that
                 # starts late heals from a peer instead
                 init_sync=False)

@@ -12,10 +12,11 @@ normalisers are counted in **group shards**. Inside a group:
   mode) is cut into ``G`` contiguous, nearly equal pieces; rank ``r`` runs piece ``r``
   (:func:`rank_items`). An item weighs its sequences over ``G*m``, so the gradients summed over all
   ranks of all groups, divided by the plan's normalisers, stay means over sequences.
-* **Gradients.** DDP-style: each rank holds the whole model; gradients are SUM-all-reduced over
-  the group's own gloo process group (:class:`IntraGroup`), then over the groups through torchft
-  (each rank with the same rank of the other groups). FSDP2 sharding is not used: on CPU with
-  gloo it buys nothing for models this size.
+* **Gradients.** How the group holds the model (:mod:`mecefo.sharding`): with ``--shard none``
+  (DDP-style) each rank holds the whole model and gradients are SUM-all-reduced over the group's
+  own gloo process group (:class:`IntraGroup`); with ``--shard fsdp`` FSDP2 reduce-scatters them
+  and each rank keeps its shard. Then over the groups through torchft (each rank with the same
+  rank of the other groups).
 
 One rank dying fails its whole group: the group's other ranks fail in the intra-group
 all-reduce (or are stopped by torchrun) and exit, torchft drops the group, and the restarted
@@ -88,18 +89,20 @@ class GroupFailed(RuntimeError):
 
 @dataclass
 class IntraGroup:
-    """The group's own gloo process group (ranks ``0 .. world_size-1``), built from the group's store."""
+    """The group's own gloo process group (ranks ``0 .. world_size-1``), built from the group's store
+    (kept in ``store``: ``--shard fsdp`` builds FSDP2's process group on it too)."""
 
     rank: int
     world_size: int
     pg: dist.ProcessGroup | None = None
+    store: dist.Store | None = None
 
     @classmethod
     def connect(cls, store: dist.Store, rank: int, world_size: int, timeout_s: float) -> "IntraGroup":
         if world_size == 1:
-            return cls(rank, world_size)
+            return cls(rank, world_size, store=store)
         pg = dist.ProcessGroupGloo(store, rank, world_size, timedelta(seconds=timeout_s))
-        return cls(rank, world_size, pg)
+        return cls(rank, world_size, pg, store)
 
     def allreduce_sum(self, tensor: torch.Tensor, timeout_s: float | None = None) -> bool:
         """In-place SUM over the group's ranks; always True (a :data:`mecefo.sync.AllReduceSum`): a rank

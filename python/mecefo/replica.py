@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
+from .backends import local_backends
 from .config import HASH_STATE_MAX_PARAMS, TrainConfig
 from .data import Batches, CorpusFiles
 from .failures import Injector, load_schedule, parse_injection
@@ -55,14 +56,15 @@ from .deadlines import CutOff, Deadlines, ReplayBudget, ReplaysExhausted
 from .fencing import FENCED_EXIT_CODE, ROOT_LINEAGE, CommitLedger, Fenced, next_lineage
 from .jobstore import JobStore
 from .membership import plan_step
-from .model import compute_context, evaluate, optimizer_hash, parameter_hash, replica_device, run_work
+from .model import compute_context, evaluate, optimizer_hash, parameter_hash, replica_device
 from .models import ModelSource, build_model, export_model, model_vocab, resolve_model_source
 from .neighbor import neighbor_path, refresh_due
-from .noise import NoiseScale, estimate, local_terms, squared_norm
+from .noise import NoiseScale, estimate, local_terms
 from .optim import build_optimizer, lr_at, set_lr
 from .quorum import LOOPBACK, Membership, connect_store
-from .ranks import GroupBatches, IntraGroup, rank_items
+from .ranks import GroupBatches, GroupFailed, IntraGroup, rank_items
 from .report import METRICS_DIR, MetricsWriter, metrics_path
+from .sharding import model_holding, state_bytes
 from .sync import GradientSync
 
 RESTART_EXIT_CODE = 75  # policy restart: this replica asks the supervisor to restart the whole job
@@ -124,13 +126,18 @@ class Replica:
                                  replica, self.run_dir)
 
         self.device = replica_device(cfg, replica if device_index is None else device_index)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # NCCL communicators bind the current device
+        self.backends = local_backends(self.device.type)  # gloo on CPU, NCCL with CUDA (mecefo.backends)
         self.policy = cfg.resolved_policy
         self.path = neighbor_path(self.policy, rank=cfg.rank, tau=cfg.tau, basis=cfg.basis)
         self.source = resolve_model_source(cfg, corpus_vocab=corpus.vocab,
                                            tokenised=corpus.tokenizer is not None)
         self.model_identity = json.loads((self.run_dir / MODEL_FILE).read_text())
         self.costs = work_costs(cfg, self.source)
-        self.model = self.path.prepare(build_model(cfg, self.device, self.source))
+        # how this group holds the model: whole on every rank, or FSDP2 shards (mecefo.sharding)
+        self.holding = model_holding(cfg.shard, ranks, self.device, cfg.dtype, cfg.timeout_s)
+        self.model = self.holding.wrap(self.path.prepare(build_model(cfg, self.device, self.source)))
         self.model.train()
         self.compute = compute_context(cfg, self.device)
         n_params = sum(p.numel() for p in self.model.parameters())
@@ -163,6 +170,7 @@ class Replica:
         self.grad_bytes = sum(p.numel() * p.element_size() for _, p in self.sync.params)
         # the gradient noise scale (mecefo.noise): from all-reduced numbers only, so the same on every replica
         self.noise = NoiseScale(cfg.noise_ema)
+        self.state_bytes_logged = False  # bytes this rank holds, recorded once its optimizer state exists
 
         self.membership = Membership(
             replica=replica, lighthouse=lighthouse, state_dict=self.state_dict,
@@ -171,7 +179,8 @@ class Replica:
             on_quorum=(lambda: self.injector.fire("quorum", self.membership.step)) if self._has("quorum") else None,
             on_send=self._on_send if self._has("send") else None,
             ledger=CommitLedger(JobStore(barrier, cfg.lighthouse_wait_s), store_generation) if barrier else None,
-            group_store=group_store, group_rank=ranks.rank, group_world_size=ranks.world_size, advertise=advertise)
+            group_store=group_store, group_rank=ranks.rank, group_world_size=ranks.world_size, advertise=advertise,
+            backends=self.backends)
         if resume:
             self._resume()
         self.metrics.write(event="start", replica=replica, pid=os.getpid(), generation=generation, rejoin=rejoin,
@@ -184,7 +193,7 @@ class Replica:
     def state_dict(self) -> dict:
         step = self.membership.step
         has_bases = self.bases_step is not None
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        return {**self.holding.transfer_state(self.model, self.optimizer),
                 "bases": self.path.bases_state(self.model) if has_bases else {},
                 "trainer": {"step": step, "data_position": step, "lr": lr_at(step, self.cfg),
                             "corpus": self.corpus.fingerprint, "model": self.model_identity, "bases_step": self.bases_step if has_bases else -1,
@@ -192,6 +201,11 @@ class Replica:
                             "noise": self.noise.state_dict()}}
 
     def load_state_dict(self, state: dict) -> None:
+        self._check_corpus(state)
+        self.holding.load_transfer_state(self.model, self.optimizer, state)
+        self._load_trainer_state(state)
+
+    def _check_corpus(self, state: dict) -> None:
         trainer = state["trainer"]
         if trainer["corpus"] != self.corpus.fingerprint:
             raise RuntimeError(f"replica {self.replica}: received state trained on corpus {trainer['corpus'][:12]}, "
@@ -199,8 +213,10 @@ class Replica:
         if trainer.get("model", self.model_identity) != self.model_identity:
             raise RuntimeError(f"replica {self.replica}: received state of model {trainer['model']}, but this replica "
                                f"trains {self.model_identity}")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+
+    def _load_trainer_state(self, state: dict) -> None:
+        """What a state holds besides the model and optimizer: lineage, bases, the failure episode."""
+        trainer = state["trainer"]
         self.lineage = trainer.get("lineage", ROOT_LINEAGE)
         bases, bases_step = state.get("bases") or {}, trainer.get("bases_step", -1)
         if bases and bases_step >= 0:
@@ -216,12 +232,13 @@ class Replica:
 
     def _resume(self) -> None:
         t0 = time.perf_counter()
-        found = ckpt.load_latest(self.run_dir / CHECKPOINT_DIR, warn=self._warn)
+        found = self.holding.load_latest(self.run_dir / CHECKPOINT_DIR, self.model, self.optimizer, warn=self._warn)
         if found is None:
             self._warn("no valid checkpoint to resume from: starting from step 0")
             return
-        state, path = found
-        self.load_state_dict(state)
+        state, path = found  # the model and optimizer are loaded: the rest of the state
+        self._check_corpus(state)
+        self._load_trainer_state(state)
         self.membership.load_manager_state(state["manager"])
         self.healed = False
         self.metrics.write(event="resumed", replica=self.replica, step=self.membership.step, path=str(path),
@@ -307,11 +324,16 @@ class Replica:
             if self.ranks.world_size > 1:
                 record["group_rank"] = self.ranks.rank
             self.metrics.write(**record)
+            if not self.state_bytes_logged:  # AdamW's state exists from the first update on
+                self.state_bytes_logged = True
+                self.metrics.write(event="state_bytes", replica=self.replica, rank=self.ranks.rank,
+                                   generation=self.generation, shard=self.holding.name,
+                                   group_size=self.ranks.world_size, **state_bytes(self.model, self.optimizer))
             if record["dropped_sequences"] and record["dropped_sequences"] != self.dropped:
                 self._warn(f"step {step}: sequences dropped, too few replicas to take them over ({record['plan']})")
             self.dropped = record["dropped_sequences"]
             self._after_commit(self.membership.step, min(record["members"]))
-        if self.replica == min(self.membership.members or (self.replica,)) and self.ranks.rank == 0:
+        if self.replica == min(self.membership.members or (self.replica,)) and self._writes():
             self._evaluate(self.cfg.steps)
         return 0
 
@@ -335,7 +357,7 @@ class Replica:
         plan = plan_step(cfg.replicas, [r for r in members if r not in failed], self.policy,
                          sequences=self.batches.micro_batch, costs=self.costs, max_load=cfg.max_load,
                          penalty=penalty, drop_penalty=drop_penalty)
-        items = plan.items_of(self.replica)
+        group_items = items = plan.items_of(self.replica)
         load = plan.load(self.replica, self.costs)  # this group's work, in normal shards
         deadline_s = self.deadlines.collective_s(load, plan.step_time(self.costs), replay)
         self.membership.set_deadlines(deadline_s, self.deadlines.transfer_s(self.largest_message, replay))
@@ -345,24 +367,25 @@ class Replica:
         refreshed = False
         if refresh_due(step, needed=needs_bases, episode_open=self.episode_open, bases_step=self.bases_step,
                        tau=self.path.tau):
-            refreshed = self.path.refresh(self.model, self.optimizer)
+            refreshed = self.path.refresh(self.model, self.optimizer, basis_fn=self.holding.basis_function())
             self.bases_step = step
 
         t0 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum, shards = run_work(self.model, self.path, self.batches, step, items, self.device,
-                                    micro_batch=cfg.micro_batch, compute=self.compute)
+        loss_sum, shards = self.holding.run_work(self.model, self.path, self.batches, step, group_items, self.device,
+                                                 micro_batch=cfg.micro_batch, compute=self.compute)
         compute_s = time.perf_counter() - t0
 
         t1 = time.perf_counter()
         contributes = bool(items)
         # summed: the global loss, the job's compute seconds per shard of work (the deadlines' unit), and the
         # noise scale's two local terms (mecefo.noise), set below
-        stats = torch.tensor([loss_sum, shards, compute_s, load, 0.0, 0.0], dtype=torch.float64)
+        stats = torch.tensor([loss_sum, shards, compute_s, load, 0.0, 0.0], dtype=torch.float64,
+                             device=self.backends.device)
         if self.ranks.world_size > 1:
             # the group's sums first, on every rank whatever happens across groups next (the ranks'
             # intra-group collectives must match); then every rank sums its group's with the other groups'
-            self.sync.reduce(self.ranks.allreduce_sum, contributes=contributes)
+            self.holding.reduce_in_group(self.sync, contributes)
             self.ranks.allreduce_sum(stats)
             contributes = True
         # the noise scale needs exact gradients: a step with neighbour-mode work leaves the estimate as it is
@@ -370,8 +393,8 @@ class Replica:
         m = self.batches.micro_batch
         if measure_noise:  # this replica's (group's, after the intra-group sum) gradient, before the all-reduce
             group_sequences = sum(item.sequences for item in plan.items_of(self.replica))
-            stats[4:] = torch.tensor(local_terms(squared_norm(p.grad for _, p in self.sync.params),
-                                                 group_sequences, m), dtype=torch.float64)
+            stats[4:] = torch.tensor(local_terms(self.holding.grad_squared_norm(p for _, p in self.sync.params), group_sequences, m),
+                                     dtype=torch.float64, device=stats.device)
         t_grad = time.perf_counter()
         ok = self.sync.reduce(self._allreduce_sum, contributes=contributes)
         grad_s = time.perf_counter() - t_grad
@@ -382,10 +405,9 @@ class Replica:
             # with measure_noise every parameter was divided by the same normaliser: the global mean gradient,
             # whose norm the clip computes anyway (before clipping)
             if cfg.clip > 0:
-                total = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip, foreach=False)
-                global_sq = float(total.double()) ** 2
+                global_sq = self.holding.clip_grad_norm_(self.model, cfg.clip) ** 2
             elif measure_noise:
-                global_sq = squared_norm(p.grad for _, p in self.sync.params)
+                global_sq = self.holding.grad_squared_norm(p for _, p in self.sync.params)
         else:
             self.membership.abort()
         lr = lr_at(step, cfg)
@@ -478,21 +500,30 @@ class Replica:
             return True
         return False
 
+    def _writes(self) -> bool:
+        """Whether this rank takes part in its group's checkpoints and evaluations (rank 0, or every rank of a
+        sharded group)."""
+        return self.ranks.rank == 0 or self.holding.collective_io
+
     def _after_commit(self, done: int, writer: int) -> None:
-        """The writer (rank 0 of the lowest member of the step's quorum) checkpoints and evaluates."""
+        """The writer (rank 0 of the lowest member of the step's quorum; every rank of it when sharded)
+        checkpoints and evaluates."""
         cfg = self.cfg
-        if self.replica != writer or self.ranks.rank != 0:
+        if self.replica != writer or not self._writes():
             return
         if done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
             state = self.state_dict()
-            state["manager"] = self.membership.manager_state()
+            extra = {k: v for k, v in state.items() if k not in ("model", "optimizer")}
+            extra["manager"] = self.membership.manager_state()
             try:
-                saved = ckpt.save_checkpoint(self.run_dir / CHECKPOINT_DIR, done, state, lineage=self.lineage)
+                saved = self.holding.save_checkpoint(self.run_dir / CHECKPOINT_DIR, done, self.model, self.optimizer,
+                                                     extra, lineage=self.lineage)
             except ckpt.StaleCheckpointError as e:
                 raise Fenced(done, str(e)) from None
-            ckpt.prune_checkpoints(self.run_dir / CHECKPOINT_DIR, cfg.keep_checkpoints)
-            self.metrics.write(event="checkpoint", replica=self.replica, step=done, path=str(saved.path),
-                               bytes=saved.nbytes, seconds=saved.seconds)
+            self.holding.prune_checkpoints(self.run_dir / CHECKPOINT_DIR, cfg.keep_checkpoints)
+            if self.ranks.rank == 0:
+                self.metrics.write(event="checkpoint", replica=self.replica, step=done, path=str(saved.path),
+                                   bytes=saved.nbytes, seconds=saved.seconds)
         if done == cfg.steps:
             self._export(done)
         if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
@@ -501,7 +532,10 @@ class Replica:
     def _export(self, done: int) -> None:
         """The trained model as a from_pretrained-loadable directory, RUN_DIR/final (mecefo.models.export_model)."""
         t0 = time.perf_counter()
-        out = export_model(self.model.state_dict(), self.cfg, self.run_dir / FINAL_DIR, source=self.source, step=done,
+        weights = self.holding.full_state_dict(self.model)  # sharded: gathered by every rank of the group
+        if self.ranks.rank != 0:
+            return
+        out = export_model(weights, self.cfg, self.run_dir / FINAL_DIR, source=self.source, step=done,
                            lineage=self.lineage)
         self.metrics.write(event="export", replica=self.replica, step=done, path=str(out),
                            seconds=time.perf_counter() - t0)
@@ -510,6 +544,8 @@ class Replica:
         t0 = time.perf_counter()
         val = evaluate(self.model, self.batches, self.cfg.eval_batches, micro_batch=self.cfg.micro_batch,
                        compute=self.compute)
+        if self.ranks.rank != 0:
+            return
         self.metrics.write(event="eval", replica=self.replica, step=done, val_loss=val,
                            val_ppl=float(torch.tensor(val).exp()), seconds=time.perf_counter() - t0)
 
@@ -566,14 +602,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--restart-consumed", type=int, default=-1,
                         help="policy restart: scheduled failures up to this step already caused a restart")
     parser.add_argument("--supervisor-pid", type=int, help="exit when this process (the launcher) dies")
+    parser.add_argument("--group-store", metavar="HOST:PORT",
+                        help="a replica group of --group-size ranks: the group's store (hosted by the launcher)")
+    parser.add_argument("--group-rank", type=int, default=0, help="this process's rank in its replica group")
     args = parser.parse_args(argv)
     if args.supervisor_pid:
         die_with(args.supervisor_pid)
     cfg = TrainConfig.load(Path(args.run_dir) / "config.json")
-    replica = Replica(cfg, args.replica, lighthouse=args.lighthouse, barrier=args.barrier,
-                      generation=args.generation, rejoin=args.rejoin, resume=args.resume,
-                      restart_consumed=args.restart_consumed)
+    replica = None
     try:
+        ranks, device_index = None, None
+        if args.group_store:  # one rank of a group of cfg.group_size ranks (mecefo.ranks)
+            from torch.distributed import PrefixStore
+
+            store = connect_store(args.group_store, cfg.quorum_timeout_s)
+            ranks = IntraGroup.connect(PrefixStore("mecefo/intra", store), args.group_rank, cfg.group_size,
+                                       cfg.timeout_s)
+            device_index = args.replica * cfg.group_size + args.group_rank
+        replica = Replica(cfg, args.replica, lighthouse=args.lighthouse, barrier=args.barrier,
+                          generation=args.generation, rejoin=args.rejoin, resume=args.resume,
+                          restart_consumed=args.restart_consumed, ranks=ranks, group_store=args.group_store,
+                          device_index=device_index)
         return replica.run()
     except Fenced as e:
         replica.report_fenced(e)
@@ -582,8 +631,14 @@ def main(argv: list[str] | None = None) -> int:
         replica.give_up(str(e))
         print(f"mecefo-replica: replica {args.replica}: {e}", file=sys.stderr, flush=True)
         return GAVE_UP_EXIT_CODE
+    except GroupFailed as e:  # the launcher restarts the group as a whole
+        from .group import EXIT_GROUP_FAILED
+
+        print(f"replica {args.replica}: {e}", file=sys.stderr, flush=True)
+        return EXIT_GROUP_FAILED
     finally:
-        replica.shutdown()
+        if replica is not None:
+            replica.shutdown()
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Each replica appends one JSON object per line to ``RUN_DIR/metrics/replica_<i>.jsonl``: one per
 committed step (loss, tokens/s, timings, live set, neighbours, dropped shards, policy, state
 hashes, launch generation and lineage) and events (``start``, ``healed``, ``discarded``,
-``checkpoint``, ``resumed``, ``eval``, ``warning``, ``fenced``, ``restart_requested``). The
+``checkpoint``, ``resumed``, ``eval``, ``warning``, ``fenced``, ``restart_requested``, and
+``state_bytes``: the bytes of parameters and optimizer state the rank holds, after its first update). The
 supervisor writes ``RUN_DIR/events.jsonl`` (launches, process spawns, exits, restarts, hang
 wake-ups). :func:`summarize` turns all of it into the numbers the benchmarks need (step times,
 detection, heal and restart costs) and :func:`plot` into a PNG.
@@ -82,6 +83,21 @@ def _group_heals(run_dir: Path, healed: list[dict], since: float) -> list[float]
         key = (r["replica"], r["step"], r.get("generation", 0))
         per_heal[key] = max(per_heal.get(key, 0.0), r["seconds"])
     return list(per_heal.values())
+
+
+def held_state(run_dir: Path, since: float) -> dict:
+    """Bytes of parameters and optimizer state each rank held (its ``state_bytes`` event, written after its
+    first update; under ``--shard fsdp`` its shards) since ``since``: the largest rank's, and how the
+    groups held the model."""
+    events = [r for p in sorted((run_dir / METRICS_DIR).rglob("replica_*.jsonl")) for r in read_jsonl(p)
+              if r.get("event") == "state_bytes" and r.get("time", since) >= since]
+    if not events:
+        return {"state_bytes_per_rank": None, "param_bytes_per_rank": None, "optimizer_bytes_per_rank": None,
+                "shard": None}
+    largest = max(events, key=lambda r: r["param_bytes"] + r["optimizer_bytes"])
+    return {"state_bytes_per_rank": largest["param_bytes"] + largest["optimizer_bytes"],
+            "param_bytes_per_rank": largest["param_bytes"], "optimizer_bytes_per_rank": largest["optimizer_bytes"],
+            "shard": largest["shard"]}
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -246,6 +262,7 @@ def summarize(run_dir: str | Path) -> dict:
         "hangs": len(hangs),
         "discarded_attempts": len(events_of["discarded"]),
         "ranks_per_group": ranks_per_group(run_dir),
+        **held_state(run_dir, since),
         "heals": len(events_of["healed"]),
         "heal_s_mean": _mean(_group_heals(run_dir, events_of["healed"], since)),
         "detect_s_mean": _mean(detection),
@@ -289,6 +306,7 @@ def format_summary(s: dict) -> str:
         ("replicas", s["replicas"] if s.get("ranks_per_group", 1) == 1
          else f"{s['replicas']} groups x {s['ranks_per_group']} ranks"),
         ("steps", f"{s['steps_done']} / {s['steps_planned']}"),
+        ("parameters + optimizer state per rank", _held(s)),
         ("training time", _fmt(s["train_seconds"], " s")),
         ("tokens/s (all steps)", _fmt(s["tokens_per_s"])),
         ("tokens/s no failure / under failure",
@@ -321,6 +339,18 @@ def format_summary(s: dict) -> str:
     width = max(len(k) for k, _ in rows)
     line = "-" * (width + 24)
     return "\n".join([line] + [f"{k:<{width}}  {v}" for k, v in rows] + [line])
+
+
+def _mb(nbytes: int) -> str:
+    return f"{nbytes / 1e6:,.1f} MB" if nbytes < 1e9 else f"{nbytes / 1e9:,.2f} GB"
+
+
+def _held(s: dict) -> str:
+    if s.get("state_bytes_per_rank") is None:
+        return "-"
+    how = "fsdp: each rank its shards" if s["shard"] == "fsdp" else "whole model on every rank"
+    return (f"{_mb(s['param_bytes_per_rank'])} + {_mb(s['optimizer_bytes_per_rank'])} = "
+            f"{_mb(s['state_bytes_per_rank'])} ({how})")
 
 
 def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:

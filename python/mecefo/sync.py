@@ -10,6 +10,11 @@ Bucket layout: parameters in ``model.named_parameters()`` order, concatenated fl
 of at most ``bucket_bytes`` (a parameter never spans two buckets). With no failures this is
 exactly ordinary data-parallel training: one SUM all-reduce of the concatenated gradients and a
 division by n.
+
+Sharded parameters (``--shard fsdp``: DTensors, FSDP2 has already summed each gradient over the
+group's ranks and left each rank its shard): the buckets hold this rank's shards only, so rank ``r``
+of every group all-reduces the same shards with rank ``r`` of the others, and the normalisers,
+elementwise, apply to the shards as they would to the whole tensors.
 """
 
 from __future__ import annotations
@@ -17,10 +22,25 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from .membership import Normalisers
 
 AllReduceSum = Callable[[torch.Tensor], bool]  # in-place SUM across replicas; False if it failed
+
+
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``t``: its local shard if ``t`` is a DTensor, else ``t`` itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _set_grad(p: torch.Tensor, local: torch.Tensor) -> None:
+    """``p.grad`` = ``local`` (this rank's shard of it when ``p`` is sharded)."""
+    if isinstance(p, DTensor):
+        p.grad = DTensor.from_local(local.view(p.to_local().shape), p.device_mesh, p.placements, run_check=False,
+                                    shape=p.shape, stride=p.stride())
+    else:
+        p.grad = local.view_as(p)
 
 
 class GradientSync:
@@ -48,7 +68,7 @@ class GradientSync:
         self.buckets: list[list[int]] = []
         size = 0
         for i, (_, p) in enumerate(self.params):
-            nbytes = p.numel() * p.element_size()
+            nbytes = local_shard(p).numel() * p.element_size()
             if not self.buckets or size + nbytes > bucket_bytes:
                 self.buckets.append([])
                 size = 0
@@ -65,7 +85,7 @@ class GradientSync:
             parts = []
             for i in bucket:
                 p = self.params[i][1]
-                grad = p.grad if contributes and p.grad is not None else torch.zeros_like(p)
+                grad = local_shard(p.grad) if contributes and p.grad is not None else torch.zeros_like(local_shard(p))
                 parts.append(grad.reshape(-1))
             flat = torch.cat(parts)
             if self.wire_dtype is not None and self.wire_dtype != flat.dtype:
@@ -78,8 +98,8 @@ class GradientSync:
             offset = 0
             for i in bucket:
                 p = self.params[i][1]
-                n = p.numel()
-                p.grad = flat[offset:offset + n].view_as(p)
+                n = local_shard(p).numel()
+                _set_grad(p, flat[offset:offset + n])
                 offset += n
         return True
 

@@ -80,7 +80,7 @@ def dry_run(tmp_path_factory):
 def test_dry_run_passes_every_stage_that_can_run_on_cpu(dry_run):
     proc, out = dry_run
     stages = stage_table((out / "summary.txt").read_text())
-    gpu_only = {"sanitize-memcheck", "sanitize-racecheck"}
+    gpu_only = {"sanitize-memcheck", "sanitize-racecheck", "fsdp-group"}
     expected = {"env", "build", "info", "tests", "sanitize-interpreter", "gemm", "gemm-tf32", "step-tiny", "cluster",
                 "plot"} | {f"kernels-{op}" for op in kernel_bench.OPS} | gpu_only
     assert set(stages) == expected, stages

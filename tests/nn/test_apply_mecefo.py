@@ -343,3 +343,22 @@ def test_bases_state_round_trips():
         mk.load_bases_state_dict(other, {k: v for k, v in list(state.items())[1:]})
     with pytest.raises(ValueError, match="shape .* in the state"):
         mk.load_bases_state_dict(mk.apply_mecefo(copy.deepcopy(model), rank=3), state)
+
+
+def test_refresh_bases_computes_each_basis_with_the_given_function():
+    """basis_fn (a trainer's, for sharded weights) computes every basis: it gets each FFN weight (or its first
+    moment), the rank, the method and the dtype, and what it returns is installed."""
+    model, optimizer = trained_with_adamw(steps=1)
+    calls = []
+
+    def basis_fn(matrix, rank, *, method, dtype):
+        calls.append((matrix, rank, method, dtype))
+        return -mk.lowrank_basis(matrix, rank, method=method, dtype=dtype)
+
+    assert mk.refresh_bases(model, optimizer=optimizer, basis_fn=basis_fn) is True
+    layer = model.model.layers[0]
+    moment = optimizer.state[layer.mlp.down_proj.weight]["exp_avg"]
+    assert len(calls) == 3 * len(model.model.layers)
+    matrix, rank, method, dtype = calls[2]
+    assert matrix is moment and rank == 6 and method == "svd" and dtype == torch.float32
+    assert torch.equal(layer.mecefo_basis_down, -mk.lowrank_basis(moment, 6))
