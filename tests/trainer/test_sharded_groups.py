@@ -86,6 +86,11 @@ def test_fsdp_groups_train_as_ddp_style_groups_through_a_kill_and_a_heal(jobs):
     assert same_rank_agrees(fsdp_cfg.run_path) > STEPS - 10
     ours, theirs = ([r["loss"] for r in series[s]] for s in ("fsdp", "none"))
     assert max(abs(a - b) / b for a, b in zip(ours, theirs)) < 1e-12
+    # the gradient noise scale (mecefo.noise) sees the group's gradient: its shards' norms summed over the ranks
+    for field in ("noise_grad_sq", "noise_trace"):
+        pairs = [(a[field], b[field]) for a, b in zip(series["fsdp"], series["none"])]
+        assert all((a is None) == (b is None) for a, b in pairs) and any(a is not None for a, _ in pairs)
+        assert max(abs(a - b) / max(abs(b), 1e-300) for a, b in pairs if a is not None) < 1e-9
 
     sharded = read_sharded_checkpoint(list_sharded(fsdp_cfg.run_path / "checkpoints")[0][1])
     whole = read_checkpoint(none_cfg.run_path / "checkpoints" / f"step_{STEPS:08d}.ckpt")
