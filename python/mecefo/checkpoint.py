@@ -70,18 +70,26 @@ def fsync_dir(directory: Path) -> None:
 def check_replaceable(directory: str | Path, step: int, lineage: str) -> None:
     """The lineage guard: :class:`StaleCheckpointError` if writing ``step`` of ``lineage`` would replace
     an intact checkpoint of another lineage or be older than an intact one (module docstring)."""
-    for existing, path in list_checkpoints(directory):
+    guard_lineage(list_checkpoints(directory), step, lineage, lambda path: _verified(path)[0])
+
+
+def guard_lineage(found: list[tuple[int, Path]], step: int, lineage: str, record_of: Callable[[Path], dict]) -> None:
+    """The lineage guard over ``found`` ((step, path) newest first, of either checkpoint format);
+    ``record_of(path)`` returns a checkpoint's verified record (its ``lineage``) or raises
+    :class:`CheckpointCorruptError` / OSError, and such a checkpoint is unusable anyway: replaced or left
+    for pruning."""
+    for existing, path in found:
         if existing < step:
             return
         try:
-            meta, _ = _verified(path)
+            record = record_of(path)
         except (CheckpointCorruptError, OSError):
-            continue  # unusable anyway: replaced or left for pruning
+            continue
         if existing > step:
             raise StaleCheckpointError(f"not writing the checkpoint of step {step}: {path.name} (step {existing}) "
                                        "is newer and intact, so this state is behind the job's")
-        if meta.get("lineage") != lineage:
-            raise StaleCheckpointError(f"not replacing {path.name}: it holds lineage {meta.get('lineage')}, this "
+        if record.get("lineage") != lineage:
+            raise StaleCheckpointError(f"not replacing {path.name}: it holds lineage {record.get('lineage')}, this "
                                        f"state is lineage {lineage} (another branch of the job)")
 
 

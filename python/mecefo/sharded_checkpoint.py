@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .checkpoint import CheckpointCorruptError, SavedCheckpoint, StaleCheckpointError, fsync_dir
+from .checkpoint import CheckpointCorruptError, SavedCheckpoint, StaleCheckpointError, fsync_dir, guard_lineage
 
 RECORD = "lineage.json"
 FORMAT = "mecefo-dcp-1"
@@ -116,19 +116,7 @@ def verify(path: Path) -> dict:
 
 def check_replaceable_sharded(directory: str | Path, step: int, lineage: str) -> None:
     """The lineage guard of :func:`mecefo.checkpoint.check_replaceable`, for sharded checkpoints."""
-    for existing, path in list_sharded(directory):
-        if existing < step:
-            return
-        try:
-            record = verify(path)
-        except (CheckpointCorruptError, OSError):
-            continue
-        if existing > step:
-            raise StaleCheckpointError(f"not writing the checkpoint of step {step}: {path.name} (step {existing}) "
-                                       "is newer and intact, so this state is behind the job's")
-        if record.get("lineage") != lineage:
-            raise StaleCheckpointError(f"not replacing {path.name}: it holds lineage {record.get('lineage')}, this "
-                                       f"state is lineage {lineage} (another branch of the job)")
+    guard_lineage(list_sharded(directory), step, lineage, verify)
 
 
 # ---- the state DCP saves: parameter names, not positions (so another group size can load it) ----

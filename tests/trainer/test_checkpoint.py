@@ -8,7 +8,7 @@ import struct
 import pytest
 import torch
 
-from mecefo.checkpoint import (MAGIC_V1, CheckpointCorruptError, StaleCheckpointError, checkpoint_path,
+from mecefo.checkpoint import (MAGIC_V1, CheckpointCorruptError, StaleCheckpointError, checkpoint_path, guard_lineage,
                                list_checkpoints, load_latest, prune_checkpoints, read_checkpoint, save_checkpoint)
 
 
@@ -100,3 +100,22 @@ def test_first_format_checkpoints_are_still_read(tmp_path):
     path = checkpoint_path(tmp_path, 5)
     path.write_bytes(struct.pack("<8s32sQ", MAGIC_V1, hashlib.sha256(payload).digest(), len(payload)) + payload)
     assert read_checkpoint(path)["trainer"] == {"step": 5}
+
+
+def test_the_lineage_guard_of_either_format(tmp_path):
+    """guard_lineage (whole-state files and sharded directories alike): a newer intact checkpoint or one of
+    another lineage at this step refuses the write; a corrupt one is passed over; older ones end the check."""
+    records = {"a": {"lineage": "L1"}, "b": {"lineage": "L2"}}
+
+    def record_of(path):
+        if path.name == "corrupt":
+            raise CheckpointCorruptError("truncated")
+        return records[path.name]
+
+    guard_lineage([(10, tmp_path / "a")], 10, "L1", record_of)  # same step, same lineage: replaced
+    guard_lineage([(9, tmp_path / "b")], 10, "L1", record_of)  # older, whatever its lineage
+    guard_lineage([(12, tmp_path / "corrupt"), (10, tmp_path / "a")], 10, "L1", record_of)
+    with pytest.raises(StaleCheckpointError, match=r"step 12.*newer and intact"):
+        guard_lineage([(12, tmp_path / "a")], 10, "L1", record_of)
+    with pytest.raises(StaleCheckpointError, match="holds lineage L2"):
+        guard_lineage([(10, tmp_path / "b")], 10, "L1", record_of)

@@ -21,18 +21,10 @@ import pytest
 from mecefo.checkpoint import list_checkpoints, read_checkpoint
 from mecefo.report import read_jsonl, read_metrics
 from test_groups import LIGHTHOUSE_HOST, Cluster, _free_port
+from test_groups import cluster  # noqa: F401 (the fixture: a lighthouse and its groups, every process killed after)
 from trainer_runs import check_replicas_agree, final_model, full_batch_reference, relative_difference
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def cluster(tmp_path, corpus_cache):
-    c = Cluster(tmp_path, corpus_cache)
-    try:
-        yield c
-    finally:
-        c.close()
 
 
 def start_lighthouse(cluster: Cluster, bind: str, state_dir: Path | None = None, min_replicas: int = 1,
