@@ -392,9 +392,10 @@ class Replica:
         measure_noise = not needs_bases
         m = self.batches.micro_batch
         if measure_noise:  # this replica's (group's, after the intra-group sum) gradient, before the all-reduce
-            group_sequences = sum(item.sequences for item in plan.items_of(self.replica))
-            stats[4:] = torch.tensor(local_terms(self.holding.grad_squared_norm(p for _, p in self.sync.params), group_sequences, m),
-                                     dtype=torch.float64, device=stats.device)
+            group_sequences = sum(item.sequences for item in group_items)
+            group_sq = self.holding.grad_squared_norm(p for _, p in self.sync.params)
+            stats[4:] = torch.tensor(local_terms(group_sq, group_sequences, m), dtype=torch.float64,
+                                     device=stats.device)
         t_grad = time.perf_counter()
         ok = self.sync.reduce(self._allreduce_sum, contributes=contributes)
         grad_s = time.perf_counter() - t_grad
